@@ -1,0 +1,292 @@
+"""Link and service configuration: the seed's keys, ours, validation, and merging.
+
+Every setting is one row of ``SETTINGS``: its key (the seed's upper-case link-config
+spelling), default, parser and help. The twistd options are generated from the same
+table, so ``twistd wsprovider --help`` lists every key, and a bad value fails the same
+way from a flag, a link config or the Python API: with ``ConfigError`` naming the key
+and the accepted values. Nothing falls back to a default silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import attr
+
+from .subjects import SubjectError, check_pattern, check_subject
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key and what is accepted."""
+
+
+@attr.s(frozen=True, slots=True)
+class Setting:
+    key: str = attr.ib()
+    default: Any = attr.ib()
+    parse: Callable[[str, Any], Any] = attr.ib()
+    help: str = attr.ib()
+    accepted: str = attr.ib(default="")
+
+    @property
+    def attr_name(self) -> str:
+        return self.key.lower()
+
+    @property
+    def flag(self) -> str:
+        return self.key.lower().replace("_", "-")
+
+
+# -- parsers: each takes (key, raw) and returns the value or raises ConfigError ----------
+
+def parse_bool(key, raw):
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: {raw!r} is not a boolean; accepted values: true, false (also 1/0, yes/no, on/off)")
+
+
+def choice(*values):
+    def parse(key, raw):
+        text = str(raw).strip().lower()
+        if text in values:
+            return text
+        raise ConfigError(f"{key}: {raw!r} is not valid; accepted values: {', '.join(values)}")
+    parse.accepted = ", ".join(values)
+    return parse
+
+
+def integer(minimum=None, maximum=None):
+    def parse(key, raw):
+        try:
+            value = int(str(raw).strip()) if not isinstance(raw, int) or isinstance(raw, bool) else raw
+        except ValueError:
+            raise ConfigError(f"{key}: {raw!r} is not an integer; {_range(minimum, maximum)}") from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise ConfigError(f"{key}: {value} is out of range; {_range(minimum, maximum)}")
+        return value
+    return parse
+
+
+def number(minimum=None, maximum=None):
+    def parse(key, raw):
+        try:
+            value = float(str(raw).strip()) if not isinstance(raw, (int, float)) or isinstance(raw, bool) else float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: {raw!r} is not a number; {_range(minimum, maximum)}") from None
+        if value != value or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise ConfigError(f"{key}: {value} is out of range; {_range(minimum, maximum)}")
+        return value
+    return parse
+
+
+def _range(minimum, maximum):
+    if minimum is not None and maximum is not None:
+        return f"accepted values: {minimum} to {maximum}"
+    if minimum is not None:
+        return f"accepted values: {minimum} or more"
+    if maximum is not None:
+        return f"accepted values: up to {maximum}"
+    return "accepted values: any number"
+
+
+def text(key, raw):
+    return None if raw is None else str(raw)
+
+
+def nonempty_text(key, raw):
+    value = str(raw).strip()
+    if not value:
+        raise ConfigError(f"{key}: must not be empty")
+    return value
+
+
+def pattern_list(key, raw):
+    """Comma-separated NATS subject patterns (also accepts a list)."""
+    items = _split(raw)
+    for item in items:
+        try:
+            check_pattern(item)
+        except SubjectError as e:
+            raise ConfigError(f"{key}: {e}; accepted values: comma-separated subject patterns like 'chat.>,news.*'") from None
+    return tuple(items)
+
+
+def subject_token(key, raw):
+    value = str(raw).strip()
+    try:
+        check_subject(value)
+    except SubjectError as e:
+        raise ConfigError(f"{key}: {e}; accepted values: a subject like '_ws' or 'app.ws'") from None
+    return value
+
+
+def string_list(key, raw):
+    return tuple(_split(raw))
+
+
+def _split(raw) -> list:
+    if raw is None:
+        return []
+    if isinstance(raw, (list, tuple)):
+        return [str(x).strip() for x in raw if str(x).strip()]
+    return [part.strip() for part in str(raw).split(",") if part.strip()]
+
+
+# -- the table ------------------------------------------------------------------------
+
+# Subjects no WebSocket peer can reach unless the operator says otherwise.
+SYSTEM_SUBJECTS = ("$SYS.>", "_INBOX.>", "$JS.>", "$KV.>", "$O.>", "runtime.>", "wasmbus.>")
+
+SETTINGS: tuple[Setting, ...] = (
+    # The seed's keys.
+    Setting("MODE", "server", choice("server", "client"),
+            "server: accept WebSocket clients; client: connect out to a WebSocket server."),
+    Setting("URI", None, text,
+            "Server mode: where to listen, as host:port (0.0.0.0:8080) or a Twisted endpoint "
+            "(tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem); "
+            "default tcp:8080:interface=127.0.0.1. Client mode: the ws:// or wss:// URL to connect to."),
+    Setting("AUTH_TOKEN", None, text,
+            "Client mode: sent as 'Authorization: Bearer <token>'. Server mode: required from peers."),
+    Setting("CONNECT_TIMEOUT_SEC", 30.0, number(0.1, 3600),
+            "Client mode: bound on each connection attempt, opening handshake included."),
+    Setting("ENABLE_SESSION_TRACKING", True, parse_bool,
+            "Keep a registry of sessions for targeted sends, listing and request/reply."),
+    # Ours: limits and timing.
+    Setting("MAX_MESSAGE_SIZE", 65536, integer(64, 64 * 1024 * 1024),
+            "Largest inbound WebSocket message in bytes; a larger one closes the session with 1009."),
+    Setting("OUTBOUND_BUFFER_BYTES", 1024 * 1024, integer(1024, 1024 * 1024 * 1024),
+            "Per-session bound on bytes waiting to be written; over it the session is closed "
+            "with 4008 (slow consumer)."),
+    Setting("PING_INTERVAL_SEC", 25.0, number(0, 3600),
+            "Server pings each idle session this often (0: off)."),
+    Setting("PING_TIMEOUT_SEC", 20.0, number(0.1, 3600),
+            "A session that does not answer a ping within this time is dropped."),
+    Setting("REQUEST_TIMEOUT_MS", 5000, integer(1, 3_600_000),
+            "Timeout of a peer's request frame that does not set timeout_ms."),
+    Setting("MAX_REQUEST_TIMEOUT_MS", 60000, integer(1, 3_600_000),
+            "Upper bound on any peer-requested timeout_ms."),
+    Setting("MAX_SUBSCRIPTIONS", 100, integer(0, 100000),
+            "Subscriptions one session may hold."),
+    # Ours: subjects and permissions.
+    Setting("SUBJECT_PREFIX", "_ws", subject_token,
+            "Prefix of the service's own subjects: sessions at <prefix>.session.<id>, "
+            "broadcast at <prefix>.broadcast.<subject>."),
+    Setting("PUBLISH_ALLOW", (">",), pattern_list,
+            "Subject patterns WebSocket peers may publish to (comma-separated)."),
+    Setting("PUBLISH_DENY", (), pattern_list,
+            "Extra subject patterns peers may not publish to (system subjects are always denied "
+            "unless ALLOW_SYSTEM_SUBJECTS is true)."),
+    Setting("SUBSCRIBE_ALLOW", (">",), pattern_list,
+            "Subject patterns WebSocket peers may subscribe to."),
+    Setting("SUBSCRIBE_DENY", (), pattern_list,
+            "Extra subject patterns peers may not subscribe to."),
+    Setting("ALLOW_SYSTEM_SUBJECTS", False, parse_bool,
+            "Let peers reach system subjects ($SYS.>, _INBOX.>, $JS.>, $KV.>, runtime.>, wasmbus.>)."),
+    Setting("SUBSCRIPTIONS", (">",), pattern_list,
+            "Handler links: the subjects a linked handler receives (default: everything peers send)."),
+    Setting("WS_PATH", "ws", nonempty_text,
+            "Server mode: the URL path of the WebSocket endpoint (without slashes)."),
+)
+
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+HEADER_PREFIX = "HEADER_"
+
+
+class ProviderConfig:
+    """Validated settings. Read as attributes (``cfg.max_message_size``) or keys (``cfg['MODE']``).
+
+    ``headers`` holds the ``HEADER_<name>`` entries as ``{name: value}``.
+    """
+
+    __slots__ = ("_values", "headers", "extra")
+
+    def __init__(self, values: Mapping[str, Any], headers: Mapping[str, str], extra: Mapping[str, str]):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "headers", dict(headers))
+        object.__setattr__(self, "extra", dict(extra))
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None = None, *, base: "ProviderConfig | None" = None,
+                     strict: bool = True) -> "ProviderConfig":
+        """Parse ``raw`` (string values as in a wasmCloud link config) over ``base`` or the defaults.
+
+        Keys are case-insensitive. With ``strict``, an unknown key is an error (a typo
+        should not be ignored); without, unknown keys are kept in ``extra``.
+        """
+        values = dict(base._values) if base else {s.key: s.default for s in SETTINGS}
+        headers = dict(base.headers) if base else {}
+        extra = dict(base.extra) if base else {}
+        for key, value in (raw or {}).items():
+            ukey = str(key).upper()
+            if ukey.startswith(HEADER_PREFIX) and len(key) > len(HEADER_PREFIX):
+                headers[str(key)[len(HEADER_PREFIX):]] = str(value)
+                continue
+            setting = SETTINGS_BY_KEY.get(ukey)
+            if setting is None:
+                if strict:
+                    raise ConfigError(f"{key}: unknown setting; known settings: {', '.join(SETTINGS_BY_KEY)}, "
+                                      f"and {HEADER_PREFIX}<name>")
+                extra[ukey] = value
+                continue
+            values[ukey] = None if value is None and setting.default is None else setting.parse(ukey, value)
+        cfg = cls(values, headers, extra)
+        cfg._check_consistency()
+        return cfg
+
+    def merged(self, link_config: Mapping[str, Any] | None) -> "ProviderConfig":
+        """Per-link config over these provider defaults."""
+        return ProviderConfig.from_mapping(link_config, base=self, strict=False)
+
+    def _check_consistency(self):
+        if self.mode == "client":
+            uri = self.uri
+            if uri and not (uri.startswith("ws://") or uri.startswith("wss://")):
+                raise ConfigError(f"URI: {uri!r} is not a WebSocket URL; in client mode accepted values: ws://host:port/path or wss://...")
+        if self.ping_interval_sec and self.ping_timeout_sec > self.ping_interval_sec * 10:
+            raise ConfigError("PING_TIMEOUT_SEC: must not exceed 10 x PING_INTERVAL_SEC")
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name.upper()]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key):
+        return self._values[key.upper()]
+
+    def __setattr__(self, name, value):
+        raise AttributeError("ProviderConfig is immutable; use merged() or from_mapping()")
+
+    def as_dict(self) -> dict:
+        d = dict(self._values)
+        d.update((HEADER_PREFIX + k, v) for k, v in self.headers.items())
+        return d
+
+    def __repr__(self):
+        shown = {k: ("***" if k == "AUTH_TOKEN" and v else v) for k, v in self._values.items()}
+        return f"ProviderConfig({shown!r}, headers={sorted(self.headers)})"
+
+    # -- derived ----------------------------------------------------------------------
+
+    def publish_permissions(self):
+        from .subjects import Permissions
+        return Permissions(self.publish_allow, self._system_deny() + (
+            f"{self.subject_prefix}.broadcast.>", f"{self.subject_prefix}.ctl.>",
+            f"{self.subject_prefix}.events.>") + tuple(self.publish_deny))
+
+    def subscribe_permissions(self):
+        from .subjects import Permissions
+        return Permissions(self.subscribe_allow, self._system_deny() + (
+            f"{self.subject_prefix}.>",) + tuple(self.subscribe_deny))
+
+    def _system_deny(self) -> tuple:
+        return () if self.allow_system_subjects else SYSTEM_SUBJECTS
+
+
+def defaults() -> ProviderConfig:
+    return ProviderConfig.from_mapping({})

@@ -1,0 +1,247 @@
+"""The WebSocket wire format, protocol v1 (docs/protocol.rst). Pure functions, no I/O.
+
+Two codecs share one frame model, negotiated by WebSocket subprotocol:
+
+* ``wsprovider.v1.json`` (default): JSON text frames; a body is ``body`` when it is
+  UTF-8 text, ``body_base64`` otherwise; inbound ``body`` may also be an array of byte
+  values (the seed's form).
+* ``wsprovider.v1.msgpack``: MessagePack binary frames with the same keys; ``body`` is
+  raw bytes.
+
+Seed compatibility: a frame without ``type`` is a message; a text frame that is not
+JSON is a message on subject ``message``; a binary frame in the JSON protocol is a
+message on subject ``binary.message``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+import msgpack
+
+from .message import BrokerMessage
+from .subjects import SubjectError, check_pattern, check_subject
+
+JSON_PROTOCOL = "wsprovider.v1.json"
+MSGPACK_PROTOCOL = "wsprovider.v1.msgpack"
+SUBPROTOCOLS = (JSON_PROTOCOL, MSGPACK_PROTOCOL)
+
+PLAIN_TEXT_SUBJECT = "message"
+PLAIN_BINARY_SUBJECT = "binary.message"
+
+# Frame kinds a peer may send.
+MESSAGE = "message"
+SUBSCRIBE = "subscribe"
+UNSUBSCRIBE = "unsubscribe"
+REQUEST = "request"
+PING = "ping"
+INBOUND_KINDS = frozenset((MESSAGE, SUBSCRIBE, UNSUBSCRIBE, REQUEST, PING))
+
+# Error codes (also used as MessagingError.code). Documented in docs/protocol.rst.
+BAD_FRAME = "bad_frame"
+BAD_JSON = "bad_json"
+
+
+class FrameError(ValueError):
+    """An inbound frame that cannot be used. The session answers with an error frame."""
+
+    def __init__(self, message: str, code: str = BAD_FRAME, frame_id=None):
+        super().__init__(message)
+        self.code = code
+        self.frame_id = frame_id
+
+
+class InboundFrame:
+    """A decoded peer frame. ``message`` is set for message and request frames."""
+
+    __slots__ = ("kind", "message", "subject", "frame_id", "timeout_ms", "queue")
+
+    def __init__(self, kind, message=None, subject=None, frame_id=None, timeout_ms=None, queue=None):
+        self.kind = kind
+        self.message = message
+        self.subject = subject
+        self.frame_id = frame_id
+        self.timeout_ms = timeout_ms
+        self.queue = queue
+
+    def __repr__(self):
+        return (f"InboundFrame(kind={self.kind!r}, message={self.message!r}, subject={self.subject!r}, "
+                f"frame_id={self.frame_id!r})")
+
+
+class _Codec:
+    name: str
+    is_binary: bool
+
+    def loads(self, payload: bytes, is_binary: bool):
+        raise NotImplementedError
+
+    def dumps(self, obj) -> bytes:
+        raise NotImplementedError
+
+    def put_body(self, obj: dict, body: bytes) -> None:
+        raise NotImplementedError
+
+    def decode(self, payload: bytes, is_binary: bool) -> InboundFrame:
+        """Turn one WebSocket message into an ``InboundFrame`` or raise ``FrameError``."""
+        obj = self.loads(payload, is_binary)
+        if obj is None:  # not ours: seed-style plain frame
+            subject = PLAIN_BINARY_SUBJECT if is_binary else PLAIN_TEXT_SUBJECT
+            return InboundFrame(MESSAGE, BrokerMessage(subject, payload))
+        if type(obj) is not dict:
+            raise FrameError(f"a frame must be an object, got {type(obj).__name__}")
+        frame_id = obj.get("id")
+        if frame_id is not None and not isinstance(frame_id, (str, int)):
+            raise FrameError("'id' must be a string or an integer")
+        kind = obj.get("type", MESSAGE)
+        if kind == MESSAGE:
+            return InboundFrame(MESSAGE, self._message(obj, frame_id), frame_id=frame_id)
+        if kind == REQUEST:
+            if frame_id is None:
+                raise FrameError("a request frame needs an 'id' to match its reply")
+            timeout = obj.get("timeout_ms")
+            if timeout is not None and (type(timeout) is not int or timeout <= 0):
+                raise FrameError("'timeout_ms' must be a positive integer", frame_id=frame_id)
+            return InboundFrame(REQUEST, self._message(obj, frame_id), frame_id=frame_id, timeout_ms=timeout)
+        if kind in (SUBSCRIBE, UNSUBSCRIBE):
+            subject = obj.get("subject")
+            try:
+                check_pattern(subject)
+            except SubjectError as e:
+                raise FrameError(str(e), frame_id=frame_id) from None
+            queue = obj.get("queue")
+            if queue is not None and (type(queue) is not str or not queue or " " in queue):
+                raise FrameError("'queue' must be a non-empty string without spaces", frame_id=frame_id)
+            return InboundFrame(kind, subject=subject, frame_id=frame_id, queue=queue)
+        if kind == PING:
+            return InboundFrame(PING, frame_id=frame_id)
+        raise FrameError(
+            f"unknown frame type {kind!r}; expected one of: " + ", ".join(sorted(INBOUND_KINDS)),
+            frame_id=frame_id,
+        )
+
+    def _message(self, obj: dict, frame_id) -> BrokerMessage:
+        subject = obj.get("subject")
+        try:
+            check_subject(subject)
+        except SubjectError as e:
+            raise FrameError(str(e), frame_id=frame_id) from None
+        reply_to = obj.get("reply_to")
+        if reply_to is not None:
+            try:
+                check_subject(reply_to, what="reply_to")
+            except SubjectError as e:
+                raise FrameError(str(e), frame_id=frame_id) from None
+        return BrokerMessage(subject, self._body(obj, frame_id), reply_to)
+
+    def _body(self, obj: dict, frame_id) -> bytes:
+        body = obj.get("body")
+        b64 = obj.get("body_base64")
+        if b64 is not None:
+            if body is not None:
+                raise FrameError("give either 'body' or 'body_base64', not both", frame_id=frame_id)
+            if type(b64) is not str:
+                raise FrameError("'body_base64' must be a string", frame_id=frame_id)
+            try:
+                return base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise FrameError("'body_base64' is not valid base64", frame_id=frame_id) from None
+        if body is None:
+            return b""
+        t = type(body)
+        if t is str:
+            try:
+                return body.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FrameError("'body' holds a lone surrogate, which is not UTF-8 text; "
+                                 "send bytes as 'body_base64'", frame_id=frame_id) from None
+        if t is bytes:
+            return body
+        if t is list:
+            try:
+                return bytes(body)
+            except (TypeError, ValueError):
+                raise FrameError("'body' as an array must hold integers 0..255", frame_id=frame_id) from None
+        raise FrameError("'body' must be a string (UTF-8 text) or an array of byte values; "
+                         "use 'body_base64' for binary data", frame_id=frame_id)
+
+    # -- outbound ---------------------------------------------------------------------
+
+    def message(self, msg: BrokerMessage, kind: str = MESSAGE, frame_id=None) -> bytes:
+        obj = {"type": kind, "subject": msg.subject}
+        self.put_body(obj, msg.body)
+        if msg.reply_to is not None:
+            obj["reply_to"] = msg.reply_to
+        if frame_id is not None:
+            obj["id"] = frame_id
+        return self.dumps(obj)
+
+    def error(self, code: str, message: str, frame_id=None) -> bytes:
+        obj = {"type": "error", "code": code, "message": message}
+        if frame_id is not None:
+            obj["id"] = frame_id
+        return self.dumps(obj)
+
+    def control(self, kind: str, **fields) -> bytes:
+        obj = {"type": kind}
+        obj.update((k, v) for k, v in fields.items() if v is not None)
+        return self.dumps(obj)
+
+
+class JsonCodec(_Codec):
+    name = JSON_PROTOCOL
+    is_binary = False
+
+    _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def loads(self, payload: bytes, is_binary: bool):
+        if is_binary:
+            return None
+        # Seed compatibility: text that is not a JSON object is a plain message.
+        first = payload[:1]
+        if first != b"{":
+            stripped = payload.lstrip()
+            if not stripped.startswith(b"{"):
+                return None
+        try:
+            return json.loads(payload)
+        except ValueError as e:
+            raise FrameError(f"frame is not valid JSON: {e}", code=BAD_JSON) from None
+
+    def dumps(self, obj) -> bytes:
+        return self._dumps(obj).encode("utf-8")
+
+    def put_body(self, obj: dict, body: bytes) -> None:
+        try:
+            obj["body"] = body.decode("utf-8")
+        except UnicodeDecodeError:
+            obj["body_base64"] = base64.b64encode(body).decode("ascii")
+
+
+class MsgpackCodec(_Codec):
+    name = MSGPACK_PROTOCOL
+    is_binary = True
+
+    def loads(self, payload: bytes, is_binary: bool):
+        if not is_binary:
+            raise FrameError("the msgpack protocol uses binary frames only", code=BAD_FRAME)
+        try:
+            return msgpack.unpackb(payload, raw=False)
+        except Exception as e:  # msgpack raises several unrelated types
+            raise FrameError(f"frame is not valid MessagePack: {e}", code=BAD_FRAME) from None
+
+    def dumps(self, obj) -> bytes:
+        return msgpack.packb(obj, use_bin_type=True)
+
+    def put_body(self, obj: dict, body: bytes) -> None:
+        obj["body"] = body
+
+
+CODECS = {JSON_PROTOCOL: JsonCodec(), MSGPACK_PROTOCOL: MsgpackCodec()}
+DEFAULT_CODEC = CODECS[JSON_PROTOCOL]
+
+
+def codec_for(subprotocol: str | None) -> _Codec:
+    return CODECS.get(subprotocol or JSON_PROTOCOL, DEFAULT_CODEC)

@@ -1,0 +1,108 @@
+"""The messaging contract as zope interfaces, plus the seams between our modules.
+
+``IMessagingConsumer`` and ``IMessageHandler`` are ``wasmcloud:messaging@0.2.0``'s
+``consumer`` and ``handler``. ``ILattice`` is the subject bus the WebSocket side talks
+to (in-process, NATS, ...); ``ISessionRegistry`` is what the WebSocket factories offer
+to address their peers.
+"""
+
+from twisted.internet.interfaces import IPushProducer  # noqa: F401  (re-exported for server.py)
+from zope.interface import Attribute, Interface
+
+
+class IMessagingConsumer(Interface):
+    """``wasmcloud:messaging/consumer``: what a component calls to send."""
+
+    def publish(msg):
+        """Publish a ``BrokerMessage``.
+
+        :return: a Deferred that fires with None, or fails with ``MessagingError``.
+        """
+
+    def request(subject, body, timeout_ms):
+        """Send ``body`` to ``subject`` and wait for one reply.
+
+        :param subject: str
+        :param body: bytes
+        :param timeout_ms: int, milliseconds to wait for the reply
+        :return: a Deferred firing with the reply ``BrokerMessage``, or failing with
+            ``MessagingError`` (``RequestTimeout``, ``NoResponders``, ...).
+        """
+
+
+class IMessageHandler(Interface):
+    """``wasmcloud:messaging/handler``: what a component implements to receive."""
+
+    def handle_message(msg):
+        """Handle one ``BrokerMessage``.
+
+        :return: None, or a Deferred; a failure (``MessagingError`` or otherwise) is the
+            ``Err`` side and is reported back to the sender where one is known.
+        """
+
+
+class ISubscription(Interface):
+    """A live interest in a subject pattern on a lattice."""
+
+    pattern = Attribute("The subject pattern (NATS wildcards).")
+
+    def unsubscribe():
+        """Stop delivery. Idempotent. Returns a Deferred firing when done."""
+
+
+class ILattice(Interface):
+    """A subject bus: where WebSocket peers and components meet.
+
+    Subjects and patterns follow NATS: dot-separated tokens, ``*`` matches one token,
+    ``>`` matches one or more trailing tokens.
+    """
+
+    def publish(msg):
+        """Deliver ``msg`` to every matching subscription.
+
+        :return: a Deferred firing with None once the message is handed to the bus
+            (for the local lattice: once every handler has accepted it), failing with
+            ``MessagingError`` when the bus refused it or a handler failed.
+        """
+
+    def request(subject, body, timeout_ms):
+        """As ``IMessagingConsumer.request``, over the bus."""
+
+    def subscribe(pattern, callback, queue=None):
+        """Call ``callback(msg)`` for every message matching ``pattern``.
+
+        ``callback`` may return a Deferred; its failure is the handler's error.
+        With ``queue``, subscriptions sharing the queue name share the messages.
+
+        :return: a Deferred firing with an ``ISubscription``.
+        """
+
+    def new_inbox():
+        """Return a fresh, unguessable reply subject."""
+
+    def fail_reply(reply_to, error):
+        """Fail the local pending request waiting on ``reply_to``, if there is one.
+
+        Called when the responder that owed the reply is gone (a session closed), so the
+        requester learns at once instead of waiting for its timeout. Returns True if a
+        request was failed.
+        """
+
+    def close():
+        """Release the bus. Deferred."""
+
+
+class ISessionRegistry(Interface):
+    """The WebSocket sessions a factory holds (server peers or client links)."""
+
+    def list_sessions():
+        """Return a list of dicts describing each session (id, connected_at, peer, ...)."""
+
+    def send_to_session(session_id, msg):
+        """Send ``msg`` to one session. Deferred; fails with ``NotConnected``."""
+
+    def broadcast(msg):
+        """Send ``msg`` to every session, framing it once. Deferred firing with the count."""
+
+    def disconnect(session_id, code=1000, reason=""):
+        """Close one session. Deferred firing with True if it existed."""

@@ -1,0 +1,1 @@
+"""Lattices: where the components on the other side of the WebSocket live."""

@@ -1,0 +1,532 @@
+"""Server mode: the Autobahn protocol and factory that turn WebSocket peers into sessions.
+
+Each connection is a session with an unguessable id and an address on the lattice
+(``<prefix>.session.<id>``, plus ``<prefix>.session.<id>.>`` for the peer's own reply
+subjects). Frames flow one way: frame -> envelope -> ``BrokerMessage`` -> lattice, and
+back. The factory is the session registry and the ``IMessagingConsumer`` toward peers.
+
+Outbound flow control: the session registers as the transport's push producer. While the
+transport's own buffer is full, frames wait in a per-session queue bounded in bytes;
+past the bound the peer is a slow consumer and is closed with ``CLOSE_SLOW_CONSUMER``
+so that one stalled reader cannot eat the process's memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import time
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import envelope
+from .interfaces import IMessagingConsumer, IPushProducer, ISessionRegistry
+from .message import BrokerMessage, MessagingError, NotConnected, PermissionDenied
+from .subjects import matches
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_SLOW_CONSUMER = 4008
+
+# How many reply subjects a session may owe answers to at once (NATS "allow_responses").
+_MAX_OWED_REPLIES = 1024
+
+
+class SessionStats:
+    """Counters shared by the sessions of one factory (exported as metrics later)."""
+
+    __slots__ = ("messages_in", "messages_out", "bytes_in", "bytes_out", "errors",
+                 "slow_consumer_closes", "sessions_opened", "sessions_closed")
+
+    def __init__(self):
+        self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
+        self.errors = collections.Counter()
+        self.slow_consumer_closes = 0
+        self.sessions_opened = self.sessions_closed = 0
+
+
+@implementer(IPushProducer)
+class MessagingServerProtocol(WebSocketServerProtocol):
+    """One WebSocket peer: a session."""
+
+    log = Logger()
+
+    session_id = None
+    address = None
+    codec = envelope.DEFAULT_CODEC
+    subprotocol = None
+    connected_at = None
+    _open = False
+
+    # -- handshake ----------------------------------------------------------------------
+
+    def onConnect(self, request):
+        offered = request.protocols
+        chosen = None
+        if offered:
+            for p in offered:
+                if p in envelope.CODECS:
+                    chosen = p
+                    break
+            if chosen is None:
+                raise ConnectionDeny(
+                    ConnectionDeny.BAD_REQUEST,
+                    "unsupported subprotocol; this server speaks " + ", ".join(envelope.SUBPROTOCOLS))
+        self.subprotocol = chosen or envelope.JSON_PROTOCOL
+        self.codec = envelope.CODECS[self.subprotocol]
+        self.peer_description = request.peer
+        return chosen
+
+    def onOpen(self):
+        factory = self.factory
+        self.session_id = secrets.token_urlsafe(16)
+        self.address = f"{factory.session_prefix}{self.session_id}"
+        self.connected_at = time.time()
+        self._subs = {}
+        self._owed = {}
+        self._queue = None
+        self._queued_bytes = 0
+        self._paused = False
+        self._open = True
+        self._binary = self.codec.is_binary
+        # Under twisted.web the HTTP channel is still the transport's producer; we take over.
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
+        self.transport.registerProducer(self, True)
+        factory._session_opened(self)
+        d = defer.gatherResults([
+            factory.lattice.subscribe(self.address, self.deliver),
+            factory.lattice.subscribe(self.address + ".>", self.deliver),
+        ], consumeErrors=True)
+        d.addCallbacks(self._addressable, self._not_addressable)
+
+    def _addressable(self, subs):
+        if not self._open:
+            for s in subs:
+                s.unsubscribe()
+            return
+        self._address_subs = subs
+        self.send_payload(self.codec.control(
+            "welcome", session_id=self.session_id, reply_to=self.address,
+            protocol=self.subprotocol, max_message_size=self.factory.config.max_message_size))
+
+    def _not_addressable(self, failure):
+        self.log.error("session {id}: could not subscribe its address: {err}",
+                       id=self.session_id, err=failure.getErrorMessage())
+        self.sendClose(1011, "the service cannot route messages to this session right now; retry later")
+
+    # -- inbound ------------------------------------------------------------------------
+
+    def onMessage(self, payload, isBinary):
+        factory = self.factory
+        stats = factory.stats
+        stats.messages_in += 1
+        stats.bytes_in += len(payload)
+        try:
+            frame = self.codec.decode(payload, isBinary)
+        except envelope.FrameError as e:
+            self.send_error(e.code, str(e), e.frame_id)
+            return
+        kind = frame.kind
+        if kind == envelope.MESSAGE:
+            self._publish(frame)
+        elif kind == envelope.REQUEST:
+            self._request(frame)
+        elif kind == envelope.SUBSCRIBE:
+            self._subscribe(frame)
+        elif kind == envelope.UNSUBSCRIBE:
+            self._unsubscribe(frame)
+        else:
+            self.send_payload(self.codec.control("pong", id=frame.frame_id))
+
+    def _checked(self, frame):
+        """Return the message to put on the lattice, or None after answering with an error."""
+        msg = frame.message
+        subject = msg.subject
+        if self._owed and subject in self._owed:
+            del self._owed[subject]  # one response per reply subject, as NATS allow_responses
+        else:
+            rule = self.factory.publish_permissions.check_publish(subject)
+            if rule is not None:
+                self.send_error(PermissionDenied.code, f"publish to {subject!r} is not allowed ({rule})",
+                                frame.frame_id)
+                return None
+        reply_to = msg.reply_to
+        if reply_to is None:
+            if frame.kind == envelope.MESSAGE:
+                msg.reply_to = self.address
+        elif not (reply_to == self.address or reply_to.startswith(self.address + ".")):
+            rule = self.factory.publish_permissions.check_publish(reply_to)
+            if rule is not None:
+                self.send_error(PermissionDenied.code,
+                                f"reply_to {reply_to!r} is not allowed ({rule}); use your own address "
+                                f"{self.address!r} or a subject below it", frame.frame_id)
+                return None
+        return msg
+
+    def _publish(self, frame):
+        msg = self._checked(frame)
+        if msg is None:
+            return
+        d = self.factory.lattice.publish(msg)
+        if d.called and d.result is None:
+            return  # fast path: delivered synchronously
+        d.addErrback(self._publish_failed, frame.frame_id, msg.subject)
+
+    def _publish_failed(self, failure, frame_id, subject):
+        err = failure.value
+        if isinstance(err, MessagingError):
+            self.send_error(err.code, str(err), frame_id)
+        else:
+            self.log.failure("publishing to {subject} failed", failure, subject=subject)
+            self.send_error("internal_error", f"publishing to {subject!r} failed inside the service", frame_id)
+
+    def _request(self, frame):
+        msg = self._checked(frame)
+        if msg is None:
+            return
+        config = self.factory.config
+        timeout = min(frame.timeout_ms or config.request_timeout_ms, config.max_request_timeout_ms)
+        d = self.factory.lattice.request(msg.subject, msg.body, timeout)
+        frame_id = frame.frame_id
+        d.addCallbacks(self._replied, self._publish_failed, callbackArgs=(frame_id,),
+                       errbackArgs=(frame_id, msg.subject))
+
+    def _replied(self, reply, frame_id):
+        if self._open:
+            self.send_payload(self.codec.message(reply, kind="reply", frame_id=frame_id))
+
+    def _subscribe(self, frame):
+        pattern = frame.subject
+        if pattern in self._subs:
+            self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame.frame_id))
+            return
+        rule = self.factory.subscribe_permissions.check_subscribe(pattern)
+        if rule is not None:
+            self.send_error(PermissionDenied.code, f"subscribe to {pattern!r} is not allowed ({rule})",
+                            frame.frame_id)
+            return
+        if len(self._subs) >= self.factory.config.max_subscriptions:
+            self.send_error("too_many_subscriptions",
+                            f"this session already holds {len(self._subs)} subscriptions (MAX_SUBSCRIPTIONS); "
+                            "unsubscribe from one first", frame.frame_id)
+            return
+        self._subs[pattern] = None  # reserved while the lattice subscribes
+        d = self.factory.lattice.subscribe(pattern, self.deliver, frame.queue)
+
+        def done(sub):
+            if not self._open or self._subs.get(pattern, 0) is not None:
+                sub.unsubscribe()  # closed or unsubscribed meanwhile
+                return
+            self._subs[pattern] = sub
+            self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame.frame_id))
+
+        def failed(failure):
+            self._subs.pop(pattern, None)
+            self._publish_failed(failure, frame.frame_id, pattern)
+
+        d.addCallbacks(done, failed)
+
+    def _unsubscribe(self, frame):
+        pattern = frame.subject
+        if pattern not in self._subs:
+            self.send_error("not_subscribed", f"this session has no subscription to {pattern!r}", frame.frame_id)
+            return
+        sub = self._subs.pop(pattern)
+        if sub is not None:
+            sub.unsubscribe()
+        self.send_payload(self.codec.control("unsubscribed", subject=pattern, id=frame.frame_id))
+
+    # -- outbound -----------------------------------------------------------------------
+
+    def deliver(self, msg: BrokerMessage):
+        """Lattice callback: a message for this session."""
+        if not self._open:
+            raise NotConnected(f"session {self.session_id} is closed")
+        reply_to = msg.reply_to
+        if reply_to is not None and not reply_to.startswith(self.address):
+            owed = self._owed
+            if len(owed) >= _MAX_OWED_REPLIES:
+                self._trim_owed()
+            owed[reply_to] = time.monotonic() + self.factory.config.max_request_timeout_ms / 1000.0
+        self.send_payload(self.codec.message(msg))
+
+    def _trim_owed(self):
+        now = time.monotonic()
+        owed = self._owed
+        for key in [k for k, deadline in owed.items() if deadline < now]:
+            del owed[key]
+        while len(owed) >= _MAX_OWED_REPLIES:
+            del owed[next(iter(owed))]
+
+    def send_error(self, code, message, frame_id=None):
+        self.factory.stats.errors[code] += 1
+        self.send_payload(self.codec.error(code, message, frame_id))
+
+    def send_payload(self, payload: bytes) -> bool:
+        """Send one encoded frame, or queue it while the transport is full."""
+        if not self._open:
+            return False
+        stats = self.factory.stats
+        stats.messages_out += 1
+        stats.bytes_out += len(payload)
+        if self._queue is None:
+            self.sendMessage(payload, self._binary)
+            return True
+        return self._enqueue(payload, len(payload))
+
+    def send_prepared(self, prepared, size: int) -> bool:
+        if not self._open:
+            return False
+        stats = self.factory.stats
+        stats.messages_out += 1
+        stats.bytes_out += size
+        if self._queue is None:
+            self.sendPreparedMessage(prepared)
+            return True
+        return self._enqueue(prepared, size)
+
+    def _enqueue(self, item, size):
+        self._queue.append((item, size))
+        self._queued_bytes += size
+        if self._queued_bytes > self.factory.config.outbound_buffer_bytes:
+            self._slow_consumer()
+            return False
+        return True
+
+    def _slow_consumer(self):
+        self.factory.stats.slow_consumer_closes += 1
+        queued = self._queued_bytes
+        self.log.warn("session {id} ({peer}) is a slow consumer: {queued} bytes waiting; closing it",
+                      id=self.session_id, peer=self.peer, queued=queued)
+        self._queue = collections.deque()
+        self._queued_bytes = 0
+        self._open = False
+        self.sendClose(CLOSE_SLOW_CONSUMER,
+                       f"slow consumer: more than {self.factory.config.outbound_buffer_bytes} bytes waiting")
+        # A reader that has stopped may never read the close frame either.
+        self.factory.reactor.callLater(self.factory.config.ping_timeout_sec, self._abort_if_open)
+
+    def _abort_if_open(self):
+        if self.transport is not None and self.state != self.STATE_CLOSED:
+            self.dropConnection(abort=True)
+
+    # IPushProducer: called by the transport.
+    def pauseProducing(self):
+        if self._queue is None:
+            self._queue = collections.deque()
+
+    def resumeProducing(self):
+        queue = self._queue
+        self._queue = None
+        if not queue or not self._open:
+            self._queued_bytes = 0
+            return
+        binary = self._binary
+        queued = self._queued_bytes
+        while queue:
+            item, size = queue.popleft()
+            queued -= size
+            if type(item) is bytes:
+                self.sendMessage(item, binary)
+            else:
+                self.sendPreparedMessage(item)
+            if self._queue is not None:  # paused again while writing
+                self._queue.extend(queue)
+                self._queued_bytes = queued
+                return
+        self._queued_bytes = 0
+
+    def stopProducing(self):
+        self._queue = None
+
+    # -- closing ------------------------------------------------------------------------
+
+    def onClose(self, wasClean, code, reason):
+        was_open = self.session_id is not None and self.connected_at is not None and (
+            self._open or self.factory.sessions.get(self.session_id) is self)
+        self._open = False
+        if not was_open:
+            return
+        factory = self.factory
+        for sub in getattr(self, "_address_subs", ()):
+            sub.unsubscribe()
+        for sub in self._subs.values():
+            if sub is not None:
+                sub.unsubscribe()
+        self._subs.clear()
+        self._queue = None
+        owed, self._owed = self._owed, {}
+        fail_reply = getattr(factory.lattice, "fail_reply", None)
+        if fail_reply is not None:
+            for reply_to in owed:
+                fail_reply(reply_to, NotConnected(
+                    f"session {self.session_id} disconnected before replying (close code {code})"))
+        factory._session_closed(self, code, reason)
+
+    def describe(self) -> dict:
+        return {
+            "session_id": self.session_id,
+            "address": self.address,
+            "connected_at": self.connected_at,
+            "peer": self.peer,
+            "subprotocol": self.subprotocol,
+            "subscriptions": sorted(p for p in self._subs),
+            "mode": "server",
+        }
+
+
+@implementer(IMessagingConsumer, ISessionRegistry)
+class MessagingServerFactory(WebSocketServerFactory):
+    """Accepts WebSocket peers as sessions and connects them to a lattice.
+
+    :param lattice: an ``ILattice`` (the embedded ``LocalLattice``, NATS, ...).
+    :param config: a ``ProviderConfig``.
+    """
+
+    protocol = MessagingServerProtocol
+    log = Logger()
+
+    def __init__(self, lattice, config, reactor=None, url=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        WebSocketServerFactory.__init__(self, url, protocols=list(envelope.SUBPROTOCOLS), reactor=reactor)
+        self.reactor = reactor
+        self.lattice = lattice
+        self.config = config
+        self.stats = SessionStats()
+        self.sessions: dict[str, MessagingServerProtocol] = {}
+        self.session_prefix = f"{config.subject_prefix}.session."
+        self.broadcast_prefix = f"{config.subject_prefix}.broadcast."
+        self.publish_permissions = config.publish_permissions()
+        self.subscribe_permissions = config.subscribe_permissions()
+        self._broadcast_sub = None
+        self._observers = []
+        self.setProtocolOptions(
+            maxMessagePayloadSize=config.max_message_size,
+            maxFramePayloadSize=config.max_message_size,
+            autoPingInterval=config.ping_interval_sec or None,
+            autoPingTimeout=config.ping_timeout_sec if config.ping_interval_sec else None,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=2,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+        # Autobahn logs every frame at debug level and tracks timings unless told not to.
+        self.trackTimings = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self):
+        """Subscribe to the broadcast subjects. Deferred."""
+        d = self.lattice.subscribe(self.broadcast_prefix + ">", self._broadcast_from_lattice)
+
+        def keep(sub):
+            self._broadcast_sub = sub
+        return d.addCallback(keep)
+
+    def stop(self, code=CLOSE_GOING_AWAY, reason="the service is shutting down"):
+        """Close every session. Deferred firing when they are gone (bounded by the close handshake)."""
+        if self._broadcast_sub is not None:
+            self._broadcast_sub.unsubscribe()
+            self._broadcast_sub = None
+        waits = []
+        for session in list(self.sessions.values()):
+            d = defer.Deferred()
+            session.is_closed.addBoth(lambda _, d=d: d.callback(None))
+            session.sendClose(code, reason)
+            waits.append(d)
+        return defer.DeferredList(waits)
+
+    def add_observer(self, observer):
+        """``observer.session_opened(session)`` / ``session_closed(session, code, reason)``."""
+        self._observers.append(observer)
+
+    def _session_opened(self, session):
+        self.stats.sessions_opened += 1
+        if self.config.enable_session_tracking:
+            self.sessions[session.session_id] = session
+        self.log.info("session {id} opened from {peer} ({proto})", id=session.session_id,
+                      peer=session.peer, proto=session.subprotocol)
+        for o in self._observers:
+            o.session_opened(session)
+
+    def _session_closed(self, session, code, reason):
+        self.stats.sessions_closed += 1
+        self.sessions.pop(session.session_id, None)
+        self.log.info("session {id} closed (code {code}: {reason})", id=session.session_id,
+                      code=code, reason=reason or "")
+        for o in self._observers:
+            o.session_closed(session, code, reason)
+
+    # -- IMessagingConsumer -------------------------------------------------------------
+
+    def publish(self, msg):
+        return self.lattice.publish(msg)
+
+    def request(self, subject, body, timeout_ms):
+        return self.lattice.request(subject, body, timeout_ms)
+
+    # -- ISessionRegistry ---------------------------------------------------------------
+
+    def list_sessions(self):
+        return [s.describe() for s in self.sessions.values()]
+
+    def session_address(self, session_id: str) -> str:
+        return self.session_prefix + session_id
+
+    def send_to_session(self, session_id, msg):
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.deliver(msg)
+            return defer.succeed(None)
+        # Not here: it may be connected to another instance on the same lattice.
+        return self.lattice.publish(msg.replace(subject=self.session_address(session_id))
+                                    if msg.subject != self.session_address(session_id) else msg
+                                    ).addErrback(self._no_such_session, session_id)
+
+    @staticmethod
+    def _no_such_session(failure, session_id):
+        failure.trap(MessagingError)
+        raise NotConnected(f"no session {session_id!r} is connected") from None
+
+    def broadcast(self, msg):
+        """Send ``msg`` to every session on every instance sharing the lattice.
+
+        Returns a Deferred firing with the number of sessions reached on this instance.
+        """
+        d = self.lattice.publish(msg.replace(subject=self.broadcast_prefix + msg.subject))
+        return d.addCallback(lambda _: self._last_broadcast_count)
+
+    _last_broadcast_count = 0
+
+    def _broadcast_from_lattice(self, msg):
+        self._last_broadcast_count = self.broadcast_local(
+            msg.replace(subject=msg.subject[len(self.broadcast_prefix):]))
+
+    def broadcast_local(self, msg) -> int:
+        """Frame ``msg`` once per codec and send it to every session here."""
+        prepared = {}
+        count = 0
+        for session in list(self.sessions.values()):
+            codec = session.codec
+            entry = prepared.get(codec.name)
+            if entry is None:
+                payload = codec.message(msg)
+                entry = prepared[codec.name] = (self.prepareMessage(payload, codec.is_binary), len(payload))
+            if session.send_prepared(*entry):
+                count += 1
+        return count
+
+    def disconnect(self, session_id, code=1000, reason="closed by the service"):
+        session = self.sessions.get(session_id)
+        if session is None:
+            return defer.succeed(False)
+        session.sendClose(code, reason)
+        return defer.succeed(True)
