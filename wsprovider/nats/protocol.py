@@ -193,7 +193,8 @@ class NatsProtocol(Protocol):
             self._flush_call.cancel()
             self._flush_call = None
         self._outgoing.clear()
-        lost = ConnectionClosedError(f"connection to NATS server {self.server.netloc} lost")
+        why = reason.getErrorMessage() if reason is not None else "unknown reason"
+        lost = ConnectionClosedError(f"connection to NATS server {self.server.netloc} lost: {why}")
         self._fail_handshake(lost)
         waiters, self._pong_waiters = self._pong_waiters, deque()
         for waiter in waiters:
