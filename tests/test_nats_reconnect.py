@@ -134,6 +134,7 @@ class ClusterTests(unittest.TestCase):
 
 
 class BackoffTests(unittest.TestCase):
+    timeout = 10
 
     def test_full_jitter_stays_within_the_exponential_envelope(self):
         rng = random.Random(4)
