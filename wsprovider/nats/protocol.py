@@ -130,19 +130,27 @@ class NatsProtocol(Protocol):
         self._pong_waiters = deque()
         self._outgoing = []
         self._flush_call = None
+        self._receiving = False
         self._lost = False
         self.on_lost = None
 
     # -- outgoing -------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Queue ``data``; everything queued in one reactor turn goes out in one write."""
+        """Queue ``data``; everything queued in one reactor turn goes out in one write.
+
+        Sends made while handling received data are written when that data is done;
+        others are written at the next reactor turn.
+        """
         self._outgoing.append(data)
-        if self._flush_call is None:
-            self._flush_call = self.reactor.callLater(0, self.flush_outgoing)
+        if self._flush_call is None and not self._receiving:
+            self._flush_call = self.reactor.callLater(0, self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_call = None
+        self.flush_outgoing()
 
     def flush_outgoing(self) -> None:
-        self._flush_call = None
         if self._outgoing and not self._lost:
             data = b"".join(self._outgoing)
             self._outgoing.clear()
@@ -178,6 +186,7 @@ class NatsProtocol(Protocol):
     # -- Twisted Protocol -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self._receiving = True
         try:
             self._parser.feed(data)
         except ProtocolError as error:
@@ -186,6 +195,10 @@ class NatsProtocol(Protocol):
             self._fail_handshake(error)
             self.client.report_error(error)
             self.transport.abortConnection()
+        finally:
+            self._receiving = False
+        if self._outgoing:
+            self.flush_outgoing()
 
     def connectionLost(self, reason=None) -> None:
         self._lost = True
