@@ -135,6 +135,9 @@ class Subscription:
             self.dropped += 1
             if not self._slow:
                 self._slow = True
+                self._log.warn("NATS slow consumer on {subject!r}: dropping messages while "
+                               "{pending} are in flight", subject=self.subject,
+                               pending=self.pending_msgs)
                 self._client.report_error(SlowConsumerError(self.subject, self.sid, self.dropped))
             return
         try:
