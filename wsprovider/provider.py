@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 
 import txaio
+
+txaio.use_twisted()
 from typing import Mapping
 
 from twisted.application import service

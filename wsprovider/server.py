@@ -33,6 +33,9 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_SLOW_CONSUMER = 4008
 
+# Our own events; Autobahn's ``self.log`` stays Autobahn's (txaio filters its debug noise).
+_log = Logger(namespace="wsprovider.server")
+
 # How many reply subjects a session may owe answers to at once (NATS "allow_responses").
 _MAX_OWED_REPLIES = 1024
 
@@ -50,11 +53,17 @@ class SessionStats:
         self.sessions_opened = self.sessions_closed = 0
 
 
+def _close_reason(reason: str) -> bytes:
+    """UTF-8, cut to the 123 bytes a close frame allows, never mid-character."""
+    data = reason.encode("utf-8")
+    if len(data) <= 123:
+        return data
+    return data[:123].decode("utf-8", "ignore").encode("utf-8")
+
+
 @implementer(IPushProducer)
 class MessagingServerProtocol(WebSocketServerProtocol):
     """One WebSocket peer: a session."""
-
-    log = Logger()
 
     session_id = None
     address = None
@@ -118,9 +127,9 @@ class MessagingServerProtocol(WebSocketServerProtocol):
             protocol=self.subprotocol, max_message_size=self.factory.config.max_message_size))
 
     def _not_addressable(self, failure):
-        self.log.error("session {id}: could not subscribe its address: {err}",
+        _log.error("session {id}: could not subscribe its address: {err}",
                        id=self.session_id, err=failure.getErrorMessage())
-        self.sendClose(1011, "the service cannot route messages to this session right now; retry later")
+        self.close_session(1011, "the service cannot route messages to this session right now; retry later")
 
     # -- inbound ------------------------------------------------------------------------
 
@@ -185,7 +194,7 @@ class MessagingServerProtocol(WebSocketServerProtocol):
         if isinstance(err, MessagingError):
             self.send_error(err.code, str(err), frame_id)
         else:
-            self.log.failure("publishing to {subject} failed", failure, subject=subject)
+            _log.failure("publishing to {subject} failed", failure, subject=subject)
             self.send_error("internal_error", f"publishing to {subject!r} failed inside the service", frame_id)
 
     def _request(self, frame):
@@ -304,17 +313,20 @@ class MessagingServerProtocol(WebSocketServerProtocol):
     def _slow_consumer(self):
         self.factory.stats.slow_consumer_closes += 1
         queued = self._queued_bytes
-        self.log.warn("session {id} ({peer}) is a slow consumer: {queued} bytes waiting; closing it",
+        _log.warn("session {id} ({peer}) is a slow consumer: {queued} bytes waiting; closing it",
                       id=self.session_id, peer=self.peer, queued=queued)
         self._queue = collections.deque()
         self._queued_bytes = 0
         self._open = False
-        self.sendClose(CLOSE_SLOW_CONSUMER,
-                       f"slow consumer: more than {self.factory.config.outbound_buffer_bytes} bytes waiting")
+        self.close_session(CLOSE_SLOW_CONSUMER,
+                           f"slow consumer: more than {self.factory.config.outbound_buffer_bytes} bytes waiting")
         # A reader that has stopped may never read the close frame either.
-        self.factory.reactor.callLater(self.factory.config.ping_timeout_sec, self._abort_if_open)
+        self._abort_call = self.factory.reactor.callLater(self.factory.config.ping_timeout_sec, self._abort_if_open)
+
+    _abort_call = None
 
     def _abort_if_open(self):
+        self._abort_call = None
         if self.transport is not None and self.state != self.STATE_CLOSED:
             self.dropConnection(abort=True)
 
@@ -349,7 +361,22 @@ class MessagingServerProtocol(WebSocketServerProtocol):
 
     # -- closing ------------------------------------------------------------------------
 
+    def close_session(self, code: int, reason: str) -> None:
+        """Close with any RFC 6455 code (Autobahn's ``sendClose`` only takes 1000 and 3000-4999)."""
+        if self.state == self.STATE_OPEN:
+            if code == 1000 or 3000 <= code <= 4999:
+                self.sendClose(code, reason)
+            else:
+                self.sendCloseFrame(code, _close_reason(reason), False)
+        elif self.state != self.STATE_CLOSED and self.transport is not None:
+            self.dropConnection(abort=True)
+
     def onClose(self, wasClean, code, reason):
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        if getattr(self, "closedByMe", False) and getattr(self, "localCloseCode", None):
+            code = self.localCloseCode  # report why *we* closed, not the peer's echo
+            reason = (self.localCloseReason or b"").decode("utf-8", "replace")
         was_open = self.session_id is not None and self.connected_at is not None and (
             self._open or self.factory.sessions.get(self.session_id) is self)
         self._open = False
@@ -392,7 +419,6 @@ class MessagingServerFactory(WebSocketServerFactory):
     """
 
     protocol = MessagingServerProtocol
-    log = Logger()
 
     def __init__(self, lattice, config, reactor=None, url=None):
         if reactor is None:
@@ -415,6 +441,7 @@ class MessagingServerFactory(WebSocketServerFactory):
             autoPingInterval=config.ping_interval_sec or None,
             autoPingTimeout=config.ping_timeout_sec if config.ping_interval_sec else None,
             openHandshakeTimeout=10,
+            failByDrop=False,  # protocol violations (e.g. too big) get a close frame with the reason
             closeHandshakeTimeout=2,
             perMessageCompressionAccept=lambda offers: None,
         )
@@ -440,9 +467,21 @@ class MessagingServerFactory(WebSocketServerFactory):
         for session in list(self.sessions.values()):
             d = defer.Deferred()
             session.is_closed.addBoth(lambda _, d=d: d.callback(None))
-            session.sendClose(code, reason)
+            session.close_session(code, reason)
             waits.append(d)
-        return defer.DeferredList(waits)
+        return defer.DeferredList(waits).addCallback(self._cancel_leftover_timers)
+
+    def _cancel_leftover_timers(self, result):
+        # Autobahn's batched timer can keep a bucket for a close-handshake timeout of a
+        # connection that is already gone; once every session is closed none is needed.
+        timer = getattr(self, "_batched_timer", None)
+        buckets = getattr(timer, "_buckets", None)
+        if buckets:
+            for delayed_call, _ in list(buckets.values()):
+                if delayed_call.active():
+                    delayed_call.cancel()
+            buckets.clear()
+        return result
 
     def add_observer(self, observer):
         """``observer.session_opened(session)`` / ``session_closed(session, code, reason)``."""
@@ -452,7 +491,7 @@ class MessagingServerFactory(WebSocketServerFactory):
         self.stats.sessions_opened += 1
         if self.config.enable_session_tracking:
             self.sessions[session.session_id] = session
-        self.log.info("session {id} opened from {peer} ({proto})", id=session.session_id,
+        _log.info("session {id} opened from {peer} ({proto})", id=session.session_id,
                       peer=session.peer, proto=session.subprotocol)
         for o in self._observers:
             o.session_opened(session)
@@ -460,7 +499,7 @@ class MessagingServerFactory(WebSocketServerFactory):
     def _session_closed(self, session, code, reason):
         self.stats.sessions_closed += 1
         self.sessions.pop(session.session_id, None)
-        self.log.info("session {id} closed (code {code}: {reason})", id=session.session_id,
+        _log.info("session {id} closed (code {code}: {reason})", id=session.session_id,
                       code=code, reason=reason or "")
         for o in self._observers:
             o.session_closed(session, code, reason)
@@ -484,7 +523,10 @@ class MessagingServerFactory(WebSocketServerFactory):
     def send_to_session(self, session_id, msg):
         session = self.sessions.get(session_id)
         if session is not None:
-            session.deliver(msg)
+            try:
+                session.deliver(msg)
+            except MessagingError as e:
+                return defer.fail(e)
             return defer.succeed(None)
         # Not here: it may be connected to another instance on the same lattice.
         return self.lattice.publish(msg.replace(subject=self.session_address(session_id))
@@ -528,5 +570,5 @@ class MessagingServerFactory(WebSocketServerFactory):
         session = self.sessions.get(session_id)
         if session is None:
             return defer.succeed(False)
-        session.sendClose(code, reason)
+        session.close_session(code, reason)
         return defer.succeed(True)

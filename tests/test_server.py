@@ -1,0 +1,417 @@
+"""Server mode end to end, with real peers: the ``websockets`` library and Autobahn's client."""
+
+import base64
+import json
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from wsprovider import BrokerMessage, IMessageHandler, MessagingError, NotConnected, RequestTimeout
+from wsprovider.handlers import echo
+
+from .peers import AutobahnPeer, WebsocketsPeer, start_provider, ws_url
+
+
+@implementer(IMessageHandler)
+class Recorder:
+    """A Python component that records what it receives."""
+
+    def __init__(self):
+        self.received = []
+        self.waiting = []
+
+    def handle_message(self, msg):
+        self.received.append(msg)
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(msg)
+
+    def next(self):
+        d = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+
+class ServerTestsMixin:
+    peer_class = None
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.recorder = Recorder()
+        self.provider = yield start_provider(self, handlers=[
+            ("echo", echo, {"SUBSCRIPTIONS": "echo.>"}),
+            ("recorder", self.recorder, {"SUBSCRIPTIONS": "app.>"}),
+        ])
+
+    def connect(self, **kwargs):
+        return self.peer_class.connect(ws_url(self.provider), **kwargs)
+
+    @defer.inlineCallbacks
+    def test_welcome(self):
+        peer = yield self.connect()
+        self.assertEqual(peer.welcome["type"], "welcome")
+        self.assertEqual(peer.welcome["protocol"], "wsprovider.v1.json")
+        self.assertEqual(peer.welcome["reply_to"], "_ws.session." + peer.welcome["session_id"])
+        self.assertGreaterEqual(len(peer.welcome["session_id"]), 20)  # 128 random bits
+        sessions = self.provider.list_sessions()
+        self.assertEqual([s["session_id"] for s in sessions], [peer.session_id])
+        self.assertEqual(sessions[0]["subprotocol"], "wsprovider.v1.json")
+        self.assertTrue(sessions[0]["peer"].startswith("tcp4:127.0.0.1:"))
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_message_reaches_handler_with_session_reply_to(self):
+        peer = yield self.connect()
+        got = self.recorder.next()
+        yield peer.send_json({"subject": "app.orders", "body": "hello"})
+        msg = yield got
+        self.assertEqual(msg, BrokerMessage("app.orders", b"hello", peer.address))
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_handler_reply_routed_to_session(self):
+        a = yield self.connect()
+        b = yield self.connect()
+        yield a.send_json({"subject": "echo.x", "body": "from a"})
+        yield b.send_json({"subject": "echo.x", "body": "from b"})
+        reply_a = yield a.recv_json()
+        reply_b = yield b.recv_json()
+        self.assertEqual(reply_a, {"type": "message", "subject": a.address, "body": "from a"})
+        self.assertEqual(reply_b, {"type": "message", "subject": b.address, "body": "from b"})
+        yield a.close()
+        yield b.close()
+
+    @defer.inlineCallbacks
+    def test_reply_to_own_subsubject(self):
+        peer = yield self.connect()
+        yield peer.send_json({"subject": "echo.x", "body": "r", "reply_to": peer.address + ".req7"})
+        reply = yield peer.recv_json()
+        self.assertEqual(reply["subject"], peer.address + ".req7")
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_targeted_send(self):
+        a = yield self.connect()
+        b = yield self.connect()
+        yield self.provider.send_to_session(b.session_id, BrokerMessage("notification", b"only b"))
+        frame = yield b.recv_json()
+        self.assertEqual(frame, {"type": "message", "subject": "notification", "body": "only b"})
+        # a got nothing: the next thing a sees is its own echo.
+        yield a.send_json({"subject": "echo.a", "body": "ping"})
+        frame = yield a.recv_json()
+        self.assertEqual(frame["body"], "ping")
+        yield a.close()
+        yield b.close()
+
+    @defer.inlineCallbacks
+    def test_send_to_unknown_session_fails(self):
+        with self.assertRaises(NotConnected):
+            yield self.provider.send_to_session("nope", BrokerMessage("x", b""))
+
+    @defer.inlineCallbacks
+    def test_broadcast_to_many(self):
+        peers = []
+        for _ in range(25):
+            peers.append((yield self.connect()))
+        count = yield self.provider.broadcast_to_clients(BrokerMessage("announcement", b"update"))
+        self.assertEqual(count, 25)
+        frames = yield defer.gatherResults([p.recv_json() for p in peers])
+        self.assertEqual(frames, [{"type": "message", "subject": "announcement", "body": "update"}] * 25)
+        yield defer.gatherResults([p.close() for p in peers])
+
+    @defer.inlineCallbacks
+    def test_request_to_session(self):
+        peer = yield self.connect()
+        d = self.provider.request(peer.address, b"question", 5000)
+        frame = yield peer.recv_json()
+        self.assertEqual(frame["body"], "question")
+        self.assertTrue(frame["reply_to"].startswith("_INBOX."))
+        yield peer.send_json({"subject": frame["reply_to"], "body": "answer"})
+        reply = yield d
+        self.assertEqual(reply.body, b"answer")
+        # One response per reply subject: a second answer is refused.
+        yield peer.send_json({"subject": frame["reply_to"], "body": "again"})
+        err = yield peer.recv_json()
+        self.assertEqual(err["code"], "permission_denied")
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_request_to_session_times_out(self):
+        peer = yield self.connect()
+        d = self.provider.request(peer.address, b"question", 200)
+        yield peer.recv_json()
+        err = yield self.assertFailure(d, RequestTimeout)
+        self.assertIn("timed out after 200ms", str(err))
+        self.assertEqual(self.provider.lattice._pending, {})
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_session_disconnects_during_request(self):
+        peer = yield self.connect()
+        d = self.provider.request(peer.address, b"question", 10000)
+        yield peer.recv_json()
+        yield peer.close()
+        err = yield self.assertFailure(d, NotConnected)
+        self.assertIn("disconnected before replying", str(err))
+        self.assertEqual(self.provider.lattice._pending, {})
+
+    @defer.inlineCallbacks
+    def test_peer_request_to_handler(self):
+        peer = yield self.connect()
+        yield peer.send_json({"type": "request", "id": "r1", "subject": "echo.svc", "body": "hi"})
+        reply = yield peer.recv_json()
+        self.assertEqual(reply["type"], "reply")
+        self.assertEqual(reply["id"], "r1")
+        self.assertEqual(reply["body"], "hi")
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_peer_request_no_responders(self):
+        peer = yield self.connect()
+        yield peer.send_json({"type": "request", "id": 9, "subject": "nobody.home", "body": ""})
+        err = yield peer.recv_json()
+        self.assertEqual((err["type"], err["code"], err["id"]), ("error", "no_responders", 9))
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_peer_request_timeout(self):
+        peer = yield self.connect()
+        other = yield self.connect()
+        yield other.subscribe("svc.slow")
+        yield peer.send_json({"type": "request", "id": 1, "subject": "svc.slow", "timeout_ms": 100})
+        yield other.recv_json()  # it never answers
+        err = yield peer.recv_json()
+        self.assertEqual((err["code"], err["id"]), ("timeout", 1))
+        yield peer.close()
+        yield other.close()
+
+    @defer.inlineCallbacks
+    def test_peer_to_peer_request_reply(self):
+        asker = yield self.connect()
+        answerer = yield self.connect()
+        yield answerer.subscribe("svc.time")
+        yield asker.send_json({"type": "request", "id": 5, "subject": "svc.time", "body": "now?"})
+        question = yield answerer.recv_json()
+        yield answerer.send_json({"subject": question["reply_to"], "body": "noon"})
+        reply = yield asker.recv_json()
+        self.assertEqual((reply["type"], reply["id"], reply["body"]), ("reply", 5, "noon"))
+        yield asker.close()
+        yield answerer.close()
+
+    @defer.inlineCallbacks
+    def test_wildcard_subscribe_and_unsubscribe(self):
+        sub = yield self.connect()
+        pub = yield self.connect()
+        yield sub.subscribe("news.*")
+        yield sub.subscribe("sport.>")
+        yield pub.send_json({"subject": "news.world", "body": "1"})
+        yield pub.send_json({"subject": "sport.ball.goal", "body": "2"})
+        got = [(yield sub.recv_json()), (yield sub.recv_json())]
+        self.assertEqual([(f["subject"], f["body"]) for f in got], [("news.world", "1"), ("sport.ball.goal", "2")])
+        self.assertEqual(got[0]["reply_to"], pub.address)
+        yield sub.send_json({"type": "unsubscribe", "subject": "news.*"})
+        self.assertEqual((yield sub.recv_json()), {"type": "unsubscribed", "subject": "news.*"})
+        # Nobody listens any more: the publisher is told, nothing vanishes silently.
+        yield pub.send_json({"subject": "news.world", "body": "3"})
+        err = yield pub.recv_json()
+        self.assertEqual(err["code"], "no_responders")
+        yield sub.close()
+        yield pub.close()
+
+    @defer.inlineCallbacks
+    def test_seed_frames(self):
+        peer = yield self.connect()
+        got = self.recorder.next()
+        yield peer.send_json({"subject": "app.a", "body": "text body", "reply_to": peer.address})
+        self.assertEqual((yield got).body, b"text body")
+        got = self.recorder.next()
+        yield peer.send_json({"subject": "app.b", "body": [0, 1, 255]})
+        self.assertEqual((yield got).body, b"\x00\x01\xff")
+        self.provider.lattice.strict = True
+        other = self.recorder.next()
+        yield self.provider.receive_link_config_as_source("plain", {"SUBSCRIPTIONS": "message"}, handler=Recorder())
+        plain = self.provider.components["plain"]
+        got = plain.next()
+        yield peer.send("just some text")
+        msg = yield got
+        self.assertEqual((msg.subject, msg.body), ("message", b"just some text"))
+        self.assertFalse(other.called)
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_body_base64_round_trip(self):
+        peer = yield self.connect()
+        raw = bytes(range(256))
+        yield peer.send_json({"subject": "echo.bin", "body_base64": base64.b64encode(raw).decode()})
+        frame = yield peer.recv_json()
+        self.assertNotIn("body", frame)
+        self.assertEqual(base64.b64decode(frame["body_base64"]), raw)
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_malformed_frames_get_errors_and_session_survives(self):
+        peer = yield self.connect()
+        cases = [
+            ("{not json", "bad_json"),
+            (json.dumps({"subject": ""}), "bad_frame"),
+            (json.dumps({"subject": "a b"}), "bad_frame"),
+            (json.dumps({"subject": "a.*"}), "bad_frame"),
+            (json.dumps({"subject": "a", "body": 5}), "bad_frame"),
+            (json.dumps({"subject": "a", "body_base64": "!!"}), "bad_frame"),
+            (json.dumps({"subject": "a", "body": [300]}), "bad_frame"),
+            (json.dumps({"type": "frobnicate", "id": 3}), "bad_frame"),
+            (json.dumps({"type": "request", "subject": "a"}), "bad_frame"),
+            (json.dumps({"subject": "a", "reply_to": 5}), "bad_frame"),
+            (json.dumps({"subject": "a", "body": "x", "body_base64": "eA=="}), "bad_frame"),
+        ]
+        for data, code in cases:
+            yield peer.send(data)
+            err = yield peer.recv_json()
+            self.assertEqual((err["type"], err["code"]), ("error", code), data)
+            self.assertTrue(err["message"])
+        self.assertIn("frobnicate", (yield self._error_for(peer, json.dumps({"type": "frobnicate"})))["message"])
+        yield peer.send_json({"subject": "echo.ok", "body": "still here"})
+        self.assertEqual((yield peer.recv_json())["body"], "still here")
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def _error_for(self, peer, data):
+        yield peer.send(data)
+        return (yield peer.recv_json())
+
+    @defer.inlineCallbacks
+    def test_system_subjects_denied(self):
+        peer = yield self.connect()
+        for subject in ("$SYS.x", "_INBOX.abc", "wasmbus.ctl.x", "runtime.host.1", "_ws.broadcast.x"):
+            err = yield self._error_for(peer, json.dumps({"subject": subject, "body": ""}))
+            self.assertEqual(err["code"], "permission_denied", subject)
+            self.assertIn("deny", err["message"])
+        for pattern in ("$SYS.>", "_INBOX.*", ">", "_ws.session.*"):
+            err = yield self._error_for(peer, json.dumps({"type": "subscribe", "subject": pattern}))
+            self.assertEqual(err["code"], "permission_denied", pattern)
+        yield peer.close()
+
+
+class WebsocketsServerTests(ServerTestsMixin, unittest.TestCase):
+    peer_class = WebsocketsPeer
+
+    @defer.inlineCallbacks
+    def test_oversized_frame_closes_1009(self):
+        peer = yield self.connect(max_size=None)
+        yield peer.send("x" * (65536 + 1))
+        code, _ = yield peer.wait_closed()
+        self.assertEqual(code, 1009)
+
+    @defer.inlineCallbacks
+    def test_no_subprotocol_defaults_to_json(self):
+        peer = yield WebsocketsPeer.connect(ws_url(self.provider), subprotocols=None)
+        self.assertEqual(peer.welcome["protocol"], "wsprovider.v1.json")
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_unknown_subprotocol_refused(self):
+        import websockets
+        with self.assertRaises(websockets.exceptions.InvalidStatus) as cm:
+            yield WebsocketsPeer.connect(ws_url(self.provider), subprotocols=("mqtt",))
+        self.assertEqual(cm.exception.response.status_code, 400)
+
+    @defer.inlineCallbacks
+    def test_msgpack_subprotocol(self):
+        import msgpack
+        peer = yield WebsocketsPeer.connect(ws_url(self.provider), subprotocols=("wsprovider.v1.msgpack",),
+                                            expect_welcome=False)
+        welcome = msgpack.unpackb((yield peer.recv()))
+        self.assertEqual(welcome["protocol"], "wsprovider.v1.msgpack")
+        yield peer.send(msgpack.packb({"subject": "echo.m", "body": b"\xff\x00"}))
+        frame = msgpack.unpackb((yield peer.recv()))
+        self.assertEqual(frame["body"], b"\xff\x00")
+        yield peer.close()
+
+
+class AutobahnServerTests(ServerTestsMixin, unittest.TestCase):
+    peer_class = AutobahnPeer
+
+    @defer.inlineCallbacks
+    def test_binary_frame_is_seed_binary_message(self):
+        peer = yield self.connect()
+        plain = Recorder()
+        yield self.provider.receive_link_config_as_source("bin", {"SUBSCRIPTIONS": "binary.message"}, handler=plain)
+        got = plain.next()
+        peer.send(b"\x01\x02", binary=True)
+        msg = yield got
+        self.assertEqual((msg.subject, msg.body), ("binary.message", b"\x01\x02"))
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_slow_consumer_closed_while_others_flow(self):
+        yield self.provider.shutdown()
+        closed = []
+
+        class Watch:
+            def session_opened(self, session):
+                pass
+
+            def session_closed(self, session, code, reason):
+                closed.append((session.session_id, code))
+
+        self.provider = yield start_provider(self, {"OUTBOUND_BUFFER_BYTES": "65536"},
+                                             handlers=[("echo", echo, {"SUBSCRIPTIONS": "echo.>"})])
+        self.provider.ws.add_observer(Watch())
+        slow = yield self.connect()
+        fast = yield self.connect()
+        slow.protocol.transport.pauseProducing()  # stop reading: the kernel buffers fill, then ours
+        body = b"x" * 16384
+        sent = 0
+        while sent < 4000:
+            try:
+                yield self.provider.send_to_session(slow.session_id, BrokerMessage("flood", body))
+            except NotConnected:
+                break
+            sent += 1
+            if sent % 50 == 0:
+                yield task.deferLater(reactor, 0, lambda: None)  # let the reactor write
+        self.assertLess(sent, 4000, "the slow consumer was never closed")
+        self.assertEqual(self.provider.ws.stats.slow_consumer_closes, 1)
+        # The other session still flows.
+        fast.send_json({"subject": "echo.f", "body": "alive"})
+        self.assertEqual((yield fast.recv_json())["body"], "alive")
+        slow.protocol.transport.resumeProducing()
+        code, _ = yield slow.factory.closed
+        self.assertIn(code, (4008, 1006))
+        self.assertEqual([c for s, c in closed if s == slow.session_id], [4008])
+        yield fast.close()
+
+
+class ConsumerContractTests(unittest.TestCase):
+    timeout = 10
+
+    @defer.inlineCallbacks
+    def test_handler_error_reported_to_peer(self):
+        @implementer(IMessageHandler)
+        class Failing:
+            def handle_message(self, msg):
+                raise MessagingError("boom")
+
+        provider = yield start_provider(self, handlers=[("f", Failing(), {"SUBSCRIPTIONS": "f"})])
+        peer = yield WebsocketsPeer.connect(ws_url(provider))
+        yield peer.send_json({"subject": "f", "body": "x"})
+        err = yield peer.recv_json()
+        self.assertEqual((err["code"], err["message"]), ("error", "boom"))
+        yield peer.close()
+
+    @defer.inlineCallbacks
+    def test_deferred_handler_error_reported_to_peer(self):
+        @implementer(IMessageHandler)
+        class Later:
+            def handle_message(self, msg):
+                return task.deferLater(reactor, 0, lambda: 1 / 0)
+
+        provider = yield start_provider(self, handlers=[("l", Later(), {"SUBSCRIPTIONS": "l"})])
+        peer = yield WebsocketsPeer.connect(ws_url(provider))
+        yield peer.send_json({"subject": "l", "body": "x", "id": 4})
+        err = yield peer.recv_json()
+        self.assertEqual((err["code"], err["id"]), ("handler_error", 4))
+        self.assertIn("division by zero", err["message"])
+        yield peer.close()
