@@ -191,6 +191,31 @@ SETTINGS: tuple[Setting, ...] = (
             "Handler links: the subjects a linked handler receives (default: everything peers send)."),
     Setting("WS_PATH", "ws", nonempty_text,
             "Server mode: the URL path of the WebSocket endpoint (without slashes)."),
+    # Client mode.
+    Setting("WIRE_MODE", "auto", choice("auto", "envelope", "raw"),
+            "Client mode: auto offers the wsprovider.v1.json subprotocol and speaks the envelope if the "
+            "server accepts it, plain frames otherwise; envelope insists on it; raw offers none "
+            "(text frames are subject 'message', binary frames 'binary.message')."),
+    Setting("RECONNECT_MIN_SEC", 0.5, number(0.001, 3600),
+            "Client mode: base of the reconnect backoff; attempt n waits a random time in "
+            "0..min(RECONNECT_MAX_SEC, RECONNECT_MIN_SEC * 2^n) (full jitter)."),
+    Setting("RECONNECT_MAX_SEC", 30.0, number(0.001, 86400),
+            "Client mode: cap on one reconnect delay."),
+    Setting("RECONNECT_MAX_ATTEMPTS", 0, integer(0, 1_000_000_000),
+            "Client mode: consecutive failed attempts after which a link gives up (state 'failed'); "
+            "0: never give up."),
+    Setting("CA_BUNDLE", None, text,
+            "Client mode, wss://: PEM file of the CA certificates to trust instead of the system's. "
+            "Server certificates are always verified."),
+    Setting("OFFLINE_BUFFER_BYTES", 1024 * 1024, integer(0, 1024 * 1024 * 1024),
+            "Client mode: bytes of messages held while a link is down and sent in order when it is back; "
+            "when full, publish fails with buffer_full (0: no buffering)."),
+    Setting("OUTBOUND_SUBJECTS", (), pattern_list,
+            "Client mode: lattice subject patterns forwarded to the remote server over the link "
+            "(e.g. 'out.>'); empty: only what components publish through the provider or to the link's address."),
+    Setting("REMOTE_SUBSCRIPTIONS", (), pattern_list,
+            "Client mode, envelope wire: subject patterns the link subscribes to at the remote wsprovider "
+            "server on every (re)connect."),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
