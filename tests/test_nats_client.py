@@ -326,3 +326,14 @@ class ServiceTests(ServerTestCase):
         self.assertTrue(client.running)
         yield client.stopService()
         self.assertEqual(client.state, State.CLOSED)
+
+
+class NatsServerHelperTests(unittest.TestCase):
+    timeout = 10
+
+    def test_missing_nats_server_fails_with_the_fix(self):
+        import tests.natsserver as helper
+        self.patch(helper, "find_nats_server", lambda: None)
+        server = helper.NatsServer(self)
+        error = self.assertRaises(self.failureException, server.start)
+        self.assertIn("pip install '.[test]'", str(error))

@@ -1,13 +1,14 @@
 """Resilience: server restarts, first connect while down, cluster failover, backoff."""
 
 import random
+import signal
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests.natsserver import NatsServer, start_cluster
 from tests.test_nats_client import Collector
-from wsprovider.nats import NatsClient, State, connect
+from wsprovider.nats import NatsClient, StaleConnectionError, State, connect
 from wsprovider.nats.client import full_jitter_delay
 
 FAST_RECONNECT = dict(reconnect_base_delay=0.02, reconnect_max_delay=0.2, connect_timeout=2)
@@ -144,3 +145,36 @@ class BackoffTests(unittest.TestCase):
             self.assertTrue(all(0 <= delay <= envelope for delay in delays))
             self.assertGreater(max(delays), envelope * 0.8)
             self.assertLess(min(delays), envelope * 0.2)
+
+
+class StaleConnectionTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_unanswered_pings_drop_the_connection_and_reconnect(self):
+        server = NatsServer(self)
+        yield server.start()
+        client = yield connect(server.url, ping_interval=0.05, max_outstanding_pings=2,
+                               **FAST_RECONNECT)
+        self.addCleanup(client.close)
+        errors = []
+        client.on_error(errors.append)
+        server.process.signalProcess(signal.SIGSTOP)  # frozen: TCP stays up, nothing answers
+        try:
+            yield wait_for_state(client, State.RECONNECTING)
+        finally:
+            server.process.signalProcess(signal.SIGCONT)
+        yield wait_for_state(client, State.CONNECTED)
+        self.assertIsInstance(errors[0], StaleConnectionError)
+
+    @defer.inlineCallbacks
+    def test_close_while_reconnecting_to_a_frozen_server_leaves_nothing_behind(self):
+        server = NatsServer(self)
+        yield server.start()
+        client = yield connect(server.url, ping_interval=0.05, max_outstanding_pings=1,
+                               **FAST_RECONNECT)
+        server.process.signalProcess(signal.SIGSTOP)
+        self.addCleanup(server.process.signalProcess, signal.SIGCONT)
+        yield wait_for_state(client, State.RECONNECTING)
+        yield client.close()
+        self.assertEqual(client.state, State.CLOSED)

@@ -284,6 +284,8 @@ class NatsClient(Service):
 
     def _attempt(self) -> None:
         self._retry_call = None
+        if self._closed_deferred is not None:
+            return
         server = self.pool.next_server()
         endpoint = HostnameEndpoint(self.reactor, server.host, server.port,
                                     timeout=self.options.connect_timeout)
@@ -372,10 +374,11 @@ class NatsClient(Service):
             return
         self._log.warn("NATS connection to {server} lost: {reason}", server=protocol.server.netloc,
                        reason=reason.getErrorMessage() if reason else "")
-        self._set_state(State.RECONNECTING)
+        # Schedule before announcing: a state listener may close the client right away.
         self._retry_call = self.reactor.callLater(
             full_jitter_delay(0, self.options.reconnect_base_delay,
                               self.options.reconnect_max_delay), self._attempt)
+        self._set_state(State.RECONNECTING)
 
     def _schedule_ping(self):
         self._ping_call = self.reactor.callLater(self.options.ping_interval, self._keepalive)

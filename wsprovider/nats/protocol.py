@@ -168,11 +168,14 @@ class NatsProtocol(Protocol):
 
     def keepalive_ping(self) -> None:
         """Send a PING whose PONG only proves liveness; drop the connection if too many are late."""
+        if self._lost:
+            return
         if self.pings_outstanding >= self.client.options.max_outstanding_pings:
             self._log.warn("NATS server {server} stopped answering PINGs; reconnecting",
                            server=self.server.netloc)
             self.client.report_error(StaleConnectionError(
                 f"NATS server {self.server.netloc} did not answer {self.pings_outstanding} PINGs"))
+            self._lost = True  # nothing more goes to this connection
             self.transport.abortConnection()
             return
         self.pings_outstanding += 1
