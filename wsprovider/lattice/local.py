@@ -160,15 +160,7 @@ class LocalLattice:
         try:
             waiting = None
             errors = None
-            groups = None
-            for sub in subs:
-                if not sub.active:
-                    continue
-                if sub.queue is not None:
-                    if groups is None:
-                        groups = {}
-                    groups.setdefault(sub.queue, []).append(sub)
-                    continue
+            for sub in self._receivers(subs):
                 try:
                     result = sub.callback(msg)
                 except Exception:
@@ -176,16 +168,6 @@ class LocalLattice:
                     continue
                 if isinstance(result, defer.Deferred):
                     waiting = (waiting or []) + [result]
-            if groups:
-                for members in groups.values():
-                    sub = members[next(self._rr) % len(members)]
-                    try:
-                        result = sub.callback(msg)
-                    except Exception:
-                        errors = (errors or []) + [Failure()]
-                        continue
-                    if isinstance(result, defer.Deferred):
-                        waiting = (waiting or []) + [result]
         finally:
             self._depth -= 1
         if errors:
@@ -201,6 +183,22 @@ class LocalLattice:
             return defer.gatherResults(waiting, consumeErrors=True).addCallbacks(
                 lambda _: None, lambda f: Failure(_as_messaging_error(f.value.subFailure)))
         return defer.succeed(None)
+
+    def _receivers(self, subs):
+        """The active subscriptions that get this message: all plain ones, one per queue group."""
+        groups = None
+        for sub in subs:
+            if not sub.active:
+                continue
+            if sub.queue is None:
+                yield sub
+            else:
+                if groups is None:
+                    groups = {}
+                groups.setdefault(sub.queue, []).append(sub)
+        if groups:
+            for members in groups.values():
+                yield members[next(self._rr) % len(members)]
 
     def _log_handler_failure_cb(self, failure, msg):
         self._log_handler_failure(msg, failure)
