@@ -125,6 +125,13 @@ def subject_token(key, raw):
     return value
 
 
+def optional_subject(key, raw):
+    """A literal subject, or None for empty."""
+    if raw is None or not str(raw).strip():
+        return None if raw is None else ""
+    return subject_token(key, raw)
+
+
 def string_list(key, raw):
     return tuple(_split(raw))
 
@@ -216,9 +223,40 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REMOTE_SUBSCRIPTIONS", (), pattern_list,
             "Client mode, envelope wire: subject patterns the link subscribes to at the remote wsprovider "
             "server on every (re)connect."),
+    # NATS lattice.
+    Setting("NATS_URL", None, text,
+            "NATS server URL(s), comma-separated (nats://, tls://); set: components and other instances "
+            "live on this NATS bus (wasmCloud 2.x messaging); empty: the embedded lattice. Also --nats."),
+    Setting("NATS_SUBJECT_PREFIX", "", optional_subject,
+            "Prefix applied on NATS to the subjects peers and handlers use (chat.x is <prefix>.chat.x on "
+            "NATS); never to subjects whose first token starts with _ or $ (session addresses, inboxes)."),
+    Setting("NATS_CREDS", None, text, "NATS: path of a .creds file (JWT + nkey seed)."),
+    Setting("NATS_TOKEN", None, text, "NATS: authentication token."),
+    Setting("NATS_USER", None, text, "NATS: user name (with NATS_PASSWORD)."),
+    Setting("NATS_PASSWORD", None, text, "NATS: password."),
+    Setting("NATS_TLS_CA", None, text, "NATS, tls://: PEM file of the CA certificates to trust."),
+    Setting("NATS_TLS_CERT", None, text, "NATS: client certificate (PEM) for mutual TLS."),
+    Setting("NATS_TLS_KEY", None, text, "NATS: key of NATS_TLS_CERT (PEM)."),
+    Setting("NATS_BUFFER_BYTES", 1024 * 1024, integer(0, 1024 * 1024 * 1024),
+            "NATS: bytes of publishes held while NATS is unreachable and sent when it is back; when full, "
+            "publishes fail with buffer_full (0: no buffering, they fail with not_connected)."),
+    Setting("INSTANCE_ID", None, text,
+            "Name of this instance in a cluster (list_sessions, events); default: a random id."),
+    Setting("SESSION_EVENTS", False, parse_bool,
+            "Publish a JSON event when a session joins or leaves (SESSION_JOINED_SUBJECT, SESSION_LEFT_SUBJECT)."),
+    Setting("SESSION_JOINED_SUBJECT", None, optional_subject,
+            "Subject of session-joined events; default <SUBJECT_PREFIX>.events.session.joined."),
+    Setting("SESSION_LEFT_SUBJECT", None, optional_subject,
+            "Subject of session-left events; default <SUBJECT_PREFIX>.events.session.left."),
+    Setting("CLUSTER_HEARTBEAT_SEC", 2.0, number(0.05, 3600),
+            "NATS: how often each instance announces itself on <SUBJECT_PREFIX>.ctl.heartbeat; an instance "
+            "silent for 3 intervals is considered gone."),
+    Setting("CLUSTER_LIST_TIMEOUT_MS", 1000, integer(1, 60000),
+            "Bound on a cluster-wide list_sessions: how long to wait for instances to answer."),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+_SECRET_KEYS = frozenset({"AUTH_TOKEN", "NATS_TOKEN", "NATS_PASSWORD"})
 HEADER_PREFIX = "HEADER_"
 
 
@@ -293,7 +331,7 @@ class ProviderConfig:
         return d
 
     def __repr__(self):
-        shown = {k: ("***" if k == "AUTH_TOKEN" and v else v) for k, v in self._values.items()}
+        shown = {k: ("***" if k in _SECRET_KEYS and v else v) for k, v in self._values.items()}
         return f"ProviderConfig({shown!r}, headers={sorted(self.headers)})"
 
     # -- derived ----------------------------------------------------------------------

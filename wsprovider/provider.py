@@ -68,7 +68,11 @@ class WebSocketMessagingProvider(service.MultiService):
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config
+        if lattice is None and config.nats_url:
+            from .lattice.nats import NatsLattice
+            lattice = NatsLattice.from_config(config, reactor, name=f"wsprovider {config.instance_id or ''}".strip())
         self.lattice = lattice if lattice is not None else LocalLattice(reactor)
+        self.cluster = None       # server mode: the cross-instance session directory
         self.components: dict[str, object] = {}
         self.consumer_links: dict[str, LinkedConsumer] = {}
         self.handler_links: dict[str, list] = {}
@@ -133,8 +137,14 @@ class WebSocketMessagingProvider(service.MultiService):
         if self.config.mode == "server":
             from .server import MessagingServerFactory
             from .web import make_site
+            start_lattice = getattr(self.lattice, "start", None)
+            if start_lattice is not None:
+                yield start_lattice()  # NATS: connects in the background, forever
             self.ws = MessagingServerFactory(self.lattice, self.config, reactor=self.reactor)
             yield self.ws.start()
+            from .lattice.cluster import ClusterDirectory
+            self.cluster = ClusterDirectory(self.ws, self.lattice, self.config, self.reactor)
+            yield self.cluster.start()
             self.site = make_site(self.ws, self.config.ws_path)
             endpoint = endpoints.serverFromString(self.reactor, server_endpoint_description(self.config.uri))
             self.listening_port = yield endpoint.listen(self.site)
@@ -144,6 +154,9 @@ class WebSocketMessagingProvider(service.MultiService):
                           path=self.config.ws_path, lattice=getattr(self.lattice, "name", "custom"))
         else:
             from .client import ClientLinks
+            start_lattice = getattr(self.lattice, "start", None)
+            if start_lattice is not None:
+                yield start_lattice()
             self.ws = ClientLinks(self.lattice, self.config, reactor=self.reactor)
             yield self.ws.start()
         return self
@@ -160,6 +173,8 @@ class WebSocketMessagingProvider(service.MultiService):
         if self.listening_port is not None:
             yield self.listening_port.stopListening()
             self.listening_port = None
+        if self.cluster is not None:
+            yield self.cluster.stop()
         yield self.lattice.close()
 
     def shutdown(self):
@@ -208,7 +223,10 @@ class WebSocketMessagingProvider(service.MultiService):
             yield self.delete_link_as_source(component_id)
         subs = []
         for pattern in link_config.subscriptions:
-            sub = yield self.lattice.subscribe(pattern, target.handle_message)
+            # On a shared bus (NATS) every instance links the same component: one of them handles each message.
+            queue = (f"{self.config.subject_prefix}.handlers.{component_id.replace(' ', '_')}"
+                     if getattr(self.lattice, "clustered", False) else None)
+            sub = yield self.lattice.subscribe(pattern, target.handle_message, queue)
             subs.append(sub)
         self.handler_links[component_id] = subs
         self.log.info("component {id} linked as handler for {patterns}", id=component_id,
@@ -244,8 +262,21 @@ class WebSocketMessagingProvider(service.MultiService):
             return defer.fail(NotConnected("the provider is not started"))
         return self.ws.broadcast(msg)
 
-    def list_sessions(self) -> list:
+    def list_sessions(self, cluster: bool = False):
+        """This instance's sessions (a list); with ``cluster=True``, a Deferred firing with the
+        sessions of every instance on the lattice (each with its ``instance``)."""
+        if cluster:
+            if self.cluster is None:
+                return defer.succeed(self.list_sessions())
+            return self.cluster.list_sessions()
         return self.ws.list_sessions() if self.ws is not None else []
+
+    def is_ready(self) -> bool:
+        """True when started and the lattice is connected (for a /readyz)."""
+        ready = self._ready
+        if ready is None or not ready.called or isinstance(ready.result, Failure) or self.ws is None:
+            return False
+        return bool(getattr(self.lattice, "connected", True))
 
     list_ws_clients = list_sessions
 

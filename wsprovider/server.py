@@ -529,9 +529,13 @@ class MessagingServerFactory(WebSocketServerFactory):
                 return defer.fail(e)
             return defer.succeed(None)
         # Not here: it may be connected to another instance on the same lattice.
-        return self.lattice.publish(msg.replace(subject=self.session_address(session_id))
-                                    if msg.subject != self.session_address(session_id) else msg
-                                    ).addErrback(self._no_such_session, session_id)
+        address = self.session_address(session_id)
+        to_address = getattr(self.lattice, "publish_to_address", None)
+        if to_address is not None:  # NATS: keeps msg's subject, acknowledged by the session's instance
+            d = to_address(address, msg, self.config.request_timeout_ms)
+        else:
+            d = self.lattice.publish(msg.replace(subject=address) if msg.subject != address else msg)
+        return d.addErrback(self._no_such_session, session_id)
 
     @staticmethod
     def _no_such_session(failure, session_id):

@@ -49,6 +49,11 @@ class Options(usage.Options):
         wsprovider.handlers:echo"""
         self["handlers"].append(spec)
 
+    def opt_nats(self, url):
+        """NATS server URL(s), comma-separated: use the NATS lattice (same as --nats-url,
+        NATS_URL). Example: nats://127.0.0.1:4222"""
+        self["nats-url"] = url
+
     def opt_header(self, spec):
         """Client mode: an HTTP header for the upgrade request, as Name=value. Repeatable
         (same as the HEADER_<name> key)."""
