@@ -47,10 +47,10 @@ class LinkedConsumer:
         self.config = config
 
     def publish(self, msg):
-        return self._provider.publish(msg)
+        return self._provider.publish(msg, self.component_id)
 
     def request(self, subject, body, timeout_ms):
-        return self._provider.request(subject, body, timeout_ms)
+        return self._provider.request(subject, body, timeout_ms, self.component_id)
 
 
 class WebSocketMessagingProvider(service.MultiService):
@@ -76,6 +76,7 @@ class WebSocketMessagingProvider(service.MultiService):
         self.components: dict[str, object] = {}
         self.consumer_links: dict[str, LinkedConsumer] = {}
         self.handler_links: dict[str, list] = {}
+        self._source_configs: dict[str, ProviderConfig] = {}  # client mode: handler links' configs
         self.ws = None            # server factory or client link manager: ISessionRegistry + IMessagingConsumer
         self.listening_port = None
         self.site = None
@@ -159,6 +160,11 @@ class WebSocketMessagingProvider(service.MultiService):
                 yield start_lattice()
             self.ws = ClientLinks(self.lattice, self.config, reactor=self.reactor)
             yield self.ws.start()
+            # Links made before the service started get their connections now.
+            for component_id, consumer in self.consumer_links.items():
+                self.ws.attach(client_owner("target", component_id), consumer.config)
+            for component_id, link_config in self._source_configs.items():
+                self.ws.attach(client_owner("source", component_id), link_config)
         return self
 
     @defer.inlineCallbacks
@@ -199,11 +205,18 @@ class WebSocketMessagingProvider(service.MultiService):
     def receive_link_config_as_target(self, component_id: str, config: Mapping | None = None) -> LinkedConsumer:
         """A component will *send* through this provider. Returns its consumer."""
         consumer = LinkedConsumer(self, component_id, self.config.merged(config))
+        if self._client_links() is not None:  # client mode: the link's connection (shared when equal)
+            self.ws.attach(client_owner("target", component_id), consumer.config)
         self.consumer_links[component_id] = consumer
         return consumer
 
     def delete_link_as_target(self, component_id: str) -> bool:
+        if self._client_links() is not None:
+            self.ws.detach(client_owner("target", component_id))
         return self.consumer_links.pop(component_id, None) is not None
+
+    def _client_links(self):
+        return self.ws if self.config.mode == "client" and self.ws is not None else None
 
     @defer.inlineCallbacks
     def receive_link_config_as_source(self, component_id: str, config: Mapping | None = None, handler=None):
@@ -221,6 +234,10 @@ class WebSocketMessagingProvider(service.MultiService):
                                  "first or pass handler=", code="unknown_component")
         if component_id in self.handler_links:
             yield self.delete_link_as_source(component_id)
+        if self.config.mode == "client":
+            if self.ws is not None:
+                self.ws.attach(client_owner("source", component_id), link_config)
+            self._source_configs[component_id] = link_config
         subs = []
         for pattern in link_config.subscriptions:
             # On a shared bus (NATS) every instance links the same component: one of them handles each message.
@@ -235,6 +252,8 @@ class WebSocketMessagingProvider(service.MultiService):
 
     @defer.inlineCallbacks
     def delete_link_as_source(self, component_id: str):
+        if self._source_configs.pop(component_id, None) is not None and self._client_links() is not None:
+            yield self.ws.detach(client_owner("source", component_id))
         subs = self.handler_links.pop(component_id, [])
         for sub in subs:
             yield sub.unsubscribe()
@@ -245,11 +264,15 @@ class WebSocketMessagingProvider(service.MultiService):
     def publish(self, msg: BrokerMessage, component_id: str | None = None):
         if self.ws is None:
             return defer.fail(NotConnected("the provider is not started"))
+        if component_id is not None and self.config.mode == "client":
+            return self.ws.publish(msg, component_id)  # through that component's own link
         return self.ws.publish(msg)
 
     def request(self, subject: str, body: bytes, timeout_ms: int, component_id: str | None = None):
         if self.ws is None:
             return defer.fail(NotConnected("the provider is not started"))
+        if component_id is not None and self.config.mode == "client":
+            return self.ws.request(subject, body, timeout_ms, component_id)
         return self.ws.request(subject, body, timeout_ms)
 
     def send_to_session(self, session_id: str, msg: BrokerMessage):
@@ -288,6 +311,11 @@ class WebSocketMessagingProvider(service.MultiService):
     def session_address(self, session_id: str) -> str:
         """The subject that reaches session ``session_id`` from anywhere on the lattice."""
         return f"{self.config.subject_prefix}.session.{session_id}"
+
+
+def client_owner(role: str, component_id: str) -> str:
+    """Client mode: the name a component link holds its connection by (see client.ClientLinks)."""
+    return f"{role}:{component_id}"
 
 
 def resolve_handler(obj, consumer):
