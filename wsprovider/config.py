@@ -136,6 +136,19 @@ def string_list(key, raw):
     return tuple(_split(raw))
 
 
+def choice_list(*values):
+    """Comma-separated subset of ``values`` (exact spelling, as JWT algorithm names are)."""
+    def parse(key, raw):
+        items = _split(raw)
+        for item in items:
+            if item not in values:
+                raise ConfigError(f"{key}: {item!r} is not valid; accepted values: comma-separated from "
+                                  f"{', '.join(values)}")
+        return tuple(items)
+    parse.accepted = ", ".join(values)
+    return parse
+
+
 def _split(raw) -> list:
     if raw is None:
         return []
@@ -253,10 +266,64 @@ SETTINGS: tuple[Setting, ...] = (
             "silent for 3 intervals is considered gone."),
     Setting("CLUSTER_LIST_TIMEOUT_MS", 1000, integer(1, 60000),
             "Bound on a cluster-wide list_sessions: how long to wait for instances to answer."),
+    # Hardening (server mode; see docs/operations.rst).
+    Setting("AUTH_TOKENS", (), string_list,
+            "Server mode: comma-separated tokens, any of which a peer may present (as may AUTH_TOKEN) as "
+            "'Authorization: Bearer <token>' or ?token=<token>; otherwise the upgrade is refused with 401."),
+    Setting("JWT_SECRET", None, text,
+            "Server mode: HMAC secret; peers may present a JWT signed with it (HS256, HS384, HS512)."),
+    Setting("JWT_PUBLIC_KEY", None, text,
+            "Server mode: path of a PEM public key; peers may present a JWT signed with its private key "
+            "(RS256, ES256, ...)."),
+    Setting("JWT_ALGORITHMS", (), choice_list("HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
+                                              "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"),
+            "Server mode: accepted JWT algorithms (default: HS256 with JWT_SECRET; RS256, ES256 with "
+            "JWT_PUBLIC_KEY)."),
+    Setting("JWT_AUDIENCE", (), string_list,
+            "Server mode: a JWT's 'aud' must name one of these (comma-separated); empty: 'aud' not required."),
+    Setting("JWT_ISSUER", None, text,
+            "Server mode: required 'iss' claim of a JWT."),
+    Setting("JWT_LEEWAY_SEC", 30.0, number(0, 3600),
+            "Server mode: clock skew tolerated when checking a JWT's exp and nbf."),
+    Setting("JWT_PUBLISH_CLAIM", "ws_pub", nonempty_text,
+            "Server mode: JWT claim that narrows where the session may publish: a list of subject patterns, "
+            "or an object {allow: [...], deny: [...]}."),
+    Setting("JWT_SUBSCRIBE_CLAIM", "ws_sub", nonempty_text,
+            "Server mode: JWT claim that narrows what the session may subscribe to (same shape)."),
+    Setting("ALLOWED_ORIGINS", (), string_list,
+            "Server mode: browser origins allowed to connect, comma-separated, '*' as wildcard "
+            "(https://app.example.com,https://*.example.com); empty: any origin. Others get 403."),
+    Setting("ALLOW_NULL_ORIGIN", False, parse_bool,
+            "Server mode: accept the 'null' origin (file:// pages, sandboxed iframes)."),
+    Setting("COMPRESSION", False, parse_bool,
+            "Server mode: accept permessage-deflate, always with no context takeover and a bounded window."),
+    Setting("COMPRESSION_WINDOW_BITS", 11, integer(9, 15),
+            "Server mode: deflate window (2^bits bytes) in both directions when COMPRESSION is on."),
+    Setting("RATE_LIMIT_MSGS_PER_SEC", 0.0, number(0, 1e9),
+            "Server mode: messages per second one session may send (token bucket; 0: off); excess "
+            "messages are dropped with a rate_limited error frame."),
+    Setting("RATE_LIMIT_BYTES_PER_SEC", 0.0, number(0, 1e12),
+            "Server mode: inbound bytes per second one session may send (0: off)."),
+    Setting("RATE_LIMIT_BURST_SEC", 1.0, number(0.001, 3600),
+            "Server mode: bucket size, in seconds of the rate: the burst a session may send at once."),
+    Setting("RATE_LIMIT_MAX_VIOLATIONS", 10, integer(0, 1_000_000),
+            "Server mode: rate-limited messages within RATE_LIMIT_WINDOW_SEC after which the session is "
+            "closed with 1008 (0: never close)."),
+    Setting("RATE_LIMIT_WINDOW_SEC", 10.0, number(0.001, 86400),
+            "Server mode: window of RATE_LIMIT_MAX_VIOLATIONS."),
+    Setting("MAX_CONNECTIONS", 0, integer(0, 10_000_000),
+            "Server mode: concurrent WebSocket sessions; more are refused with HTTP 503 (0: no limit)."),
+    Setting("DRAIN_TIMEOUT_SEC", 10.0, number(0, 3600),
+            "On shutdown: how long in-flight peer requests may take to finish before the remaining "
+            "sessions are closed with 1001."),
+    Setting("ADMIN_TOKEN", None, text,
+            "Server mode: bearer token for /admin/sessions (GET: list, DELETE /admin/sessions/<id>: "
+            "disconnect); unset: admin endpoints are disabled."),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
-_SECRET_KEYS = frozenset({"AUTH_TOKEN", "NATS_TOKEN", "NATS_PASSWORD"})
+_SECRET_KEYS = frozenset({"AUTH_TOKEN", "NATS_TOKEN", "NATS_PASSWORD",
+                          "AUTH_TOKENS", "JWT_SECRET", "ADMIN_TOKEN"})
 HEADER_PREFIX = "HEADER_"
 
 

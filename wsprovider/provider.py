@@ -80,6 +80,7 @@ class WebSocketMessagingProvider(service.MultiService):
         self.ws = None            # server factory or client link manager: ISessionRegistry + IMessagingConsumer
         self.listening_port = None
         self.site = None
+        self.metrics = None       # server mode: metrics.ProviderMetrics (per-provider registry)
         self._ready = None
 
     @classmethod
@@ -146,7 +147,10 @@ class WebSocketMessagingProvider(service.MultiService):
             from .lattice.cluster import ClusterDirectory
             self.cluster = ClusterDirectory(self.ws, self.lattice, self.config, self.reactor)
             yield self.cluster.start()
-            self.site = make_site(self.ws, self.config.ws_path)
+            from .metrics import ProviderMetrics
+            self.metrics = ProviderMetrics(self)  # a registry per provider
+            self.ws.request_latency = self.metrics.request_latency
+            self.site = make_site(self.ws, self.config.ws_path, provider=self, metrics=self.metrics)
             endpoint = endpoints.serverFromString(self.reactor, server_endpoint_description(self.config.uri))
             self.listening_port = yield endpoint.listen(self.site)
             address = self.listening_port.getHost()
@@ -169,16 +173,20 @@ class WebSocketMessagingProvider(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        # Graceful drain: stop accepting first; then sessions are told 1001 (idle ones at once,
+        # those with requests in flight once answered, at most DRAIN_TIMEOUT_SEC later); handler
+        # links stay subscribed meanwhile so that the in-flight requests can be answered.
+        if self.listening_port is not None:
+            port, self.listening_port = self.listening_port, None
+            yield port.stopListening()
+        if self.ws is not None:
+            drain = getattr(self.ws, "drain", None)
+            yield drain(self.config.drain_timeout_sec) if drain is not None else self.ws.stop()
         yield defer.maybeDeferred(service.MultiService.stopService, self)
         for links in list(self.handler_links.values()):
             for sub in links:
                 yield sub.unsubscribe()
         self.handler_links.clear()
-        if self.ws is not None:
-            yield self.ws.stop()
-        if self.listening_port is not None:
-            yield self.listening_port.stopListening()
-            self.listening_port = None
         if self.cluster is not None:
             yield self.cluster.stop()
         yield self.lattice.close()

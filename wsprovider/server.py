@@ -24,8 +24,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import envelope
+from .auth import Authenticator, AuthError
 from .interfaces import IMessagingConsumer, IPushProducer, ISessionRegistry
 from .message import BrokerMessage, MessagingError, NotConnected, PermissionDenied
+from .ratelimit import SessionRateLimiter
 from .subjects import matches
 
 CLOSE_GOING_AWAY = 1001
@@ -44,13 +46,17 @@ class SessionStats:
     """Counters shared by the sessions of one factory (exported as metrics later)."""
 
     __slots__ = ("messages_in", "messages_out", "bytes_in", "bytes_out", "errors",
-                 "slow_consumer_closes", "sessions_opened", "sessions_closed")
+                 "slow_consumer_closes", "sessions_opened", "sessions_closed",
+                 "rate_limited", "rate_limit_closes", "refusals", "auth_refusals")
 
     def __init__(self):
         self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
         self.errors = collections.Counter()
         self.slow_consumer_closes = 0
         self.sessions_opened = self.sessions_closed = 0
+        self.rate_limited = self.rate_limit_closes = 0
+        self.refusals = collections.Counter()       # refused handshakes by kind (auth, origin, ...)
+        self.auth_refusals = collections.Counter()  # refused credentials by reason (missing, expired, ...)
 
 
 def _close_reason(reason: str) -> bytes:
@@ -71,10 +77,40 @@ class MessagingServerProtocol(WebSocketServerProtocol):
     subprotocol = None
     connected_at = None
     _open = False
+    identity = None           # auth.Identity when the service requires credentials
+    _limiter = None           # ratelimit.SessionRateLimiter when rate limits are on
+    _inflight = 0             # the peer's request frames not answered yet
+    _counted = False          # counts toward MAX_CONNECTIONS
+    _refusal = None           # why the handshake is being refused (metrics)
+    _expiry_call = None
 
     # -- handshake ----------------------------------------------------------------------
 
     def onConnect(self, request):
+        factory = self.factory
+        self.publish_permissions = factory.publish_permissions
+        self.subscribe_permissions = factory.subscribe_permissions
+        if factory.draining:
+            self._refusal = "draining"
+            raise ConnectionDeny(503, "the service is shutting down; connect again (to another instance)")
+        limit = factory.config.max_connections
+        if limit and factory.connection_count >= limit:
+            self._refusal = "max_connections"
+            raise ConnectionDeny(503, f"too many connections: this server accepts {limit} sessions "
+                                      "(MAX_CONNECTIONS); retry later")
+        if factory.authenticator is not None:
+            try:
+                identity = factory.authenticator.authenticate(request.headers, request.params)
+            except AuthError as e:
+                factory.stats.auth_refusals[e.reason] += 1
+                self._refusal = "auth"
+                _log.info("refused a session from {peer}: {why}", peer=request.peer, why=str(e))
+                raise ConnectionDeny(401, str(e)) from None
+            self.identity = identity
+            if identity.publish is not None:
+                self.publish_permissions = identity.publish
+            if identity.subscribe is not None:
+                self.subscribe_permissions = identity.subscribe
         offered = request.protocols
         chosen = None
         if offered:
@@ -83,13 +119,31 @@ class MessagingServerProtocol(WebSocketServerProtocol):
                     chosen = p
                     break
             if chosen is None:
+                self._refusal = "subprotocol"
                 raise ConnectionDeny(
                     ConnectionDeny.BAD_REQUEST,
                     "unsupported subprotocol; this server speaks " + ", ".join(envelope.SUBPROTOCOLS))
         self.subprotocol = chosen or envelope.JSON_PROTOCOL
         self.codec = envelope.CODECS[self.subprotocol]
         self.peer_description = request.peer
+        factory.connection_count += 1
+        self._counted = True
         return chosen
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        kind = self._refusal
+        if kind is None:
+            if reason.startswith("WebSocket connection denied: origin"):
+                kind, code = "origin", 403
+            else:
+                kind = "bad_request"
+        self.factory.stats.refusals[kind] += 1
+        if responseHeaders is None:
+            if code == 401:
+                responseHeaders = [("WWW-Authenticate", 'Bearer realm="wsprovider"')]
+            elif code == 503:
+                responseHeaders = [("Retry-After", "5")]
+        WebSocketServerProtocol.failHandshake(self, reason, code, responseHeaders)
 
     def onOpen(self):
         factory = self.factory
@@ -103,6 +157,12 @@ class MessagingServerProtocol(WebSocketServerProtocol):
         self._paused = False
         self._open = True
         self._binary = self.codec.is_binary
+        if factory.rate_limited:
+            self._limiter = SessionRateLimiter.from_config(factory.config)
+        identity = self.identity
+        if identity is not None and identity.expires_at is not None:
+            self._expiry_call = factory.reactor.callLater(
+                max(0.0, identity.expires_at - time.time()), self._credentials_expired)
         # Under twisted.web the HTTP channel is still the transport's producer; we take over.
         try:
             self.transport.unregisterProducer()
@@ -115,6 +175,12 @@ class MessagingServerProtocol(WebSocketServerProtocol):
             factory.lattice.subscribe(self.address + ".>", self.deliver),
         ], consumeErrors=True)
         d.addCallbacks(self._addressable, self._not_addressable)
+        if factory.draining:
+            self.close_session(CLOSE_GOING_AWAY, "the service is shutting down")
+
+    def _credentials_expired(self):
+        self._expiry_call = None
+        self.close_session(CLOSE_POLICY, "credentials expired; reconnect with a fresh token")
 
     def _addressable(self, subs):
         if not self._open:
@@ -138,6 +204,10 @@ class MessagingServerProtocol(WebSocketServerProtocol):
         stats = factory.stats
         stats.messages_in += 1
         stats.bytes_in += len(payload)
+        limiter = self._limiter
+        if limiter is not None and not limiter.allow(len(payload)):
+            self._rate_limited(limiter)
+            return
         try:
             frame = self.codec.decode(payload, isBinary)
         except envelope.FrameError as e:
@@ -155,6 +225,22 @@ class MessagingServerProtocol(WebSocketServerProtocol):
         else:
             self.send_payload(self.codec.control("pong", id=frame.frame_id))
 
+    def _rate_limited(self, limiter):
+        if self.state != self.STATE_OPEN:
+            return
+        stats = self.factory.stats
+        stats.rate_limited += 1
+        if limiter.violation():
+            stats.rate_limit_closes += 1
+            _log.warn("session {id} ({peer}) keeps exceeding its rate limit; closing it",
+                      id=self.session_id, peer=self.peer)
+            self.close_session(CLOSE_POLICY, "rate limit exceeded repeatedly")
+            return
+        config = self.factory.config
+        self.send_error("rate_limited", "rate limit exceeded (RATE_LIMIT_MSGS_PER_SEC="
+                        f"{config.rate_limit_msgs_per_sec:g}, RATE_LIMIT_BYTES_PER_SEC="
+                        f"{config.rate_limit_bytes_per_sec:g}); the message was dropped")
+
     def _checked(self, frame):
         """Return the message to put on the lattice, or None after answering with an error."""
         msg = frame.message
@@ -162,7 +248,7 @@ class MessagingServerProtocol(WebSocketServerProtocol):
         if self._owed and subject in self._owed:
             del self._owed[subject]  # one response per reply subject, as NATS allow_responses
         else:
-            rule = self.factory.publish_permissions.check_publish(subject)
+            rule = self.publish_permissions.check_publish(subject)
             if rule is not None:
                 self.send_error(PermissionDenied.code, f"publish to {subject!r} is not allowed ({rule})",
                                 frame.frame_id)
@@ -172,7 +258,7 @@ class MessagingServerProtocol(WebSocketServerProtocol):
             if frame.kind == envelope.MESSAGE:
                 msg.reply_to = self.address
         elif not (reply_to == self.address or reply_to.startswith(self.address + ".")):
-            rule = self.factory.publish_permissions.check_publish(reply_to)
+            rule = self.publish_permissions.check_publish(reply_to)
             if rule is not None:
                 self.send_error(PermissionDenied.code,
                                 f"reply_to {reply_to!r} is not allowed ({rule}); use your own address "
@@ -198,15 +284,35 @@ class MessagingServerProtocol(WebSocketServerProtocol):
             self.send_error("internal_error", f"publishing to {subject!r} failed inside the service", frame_id)
 
     def _request(self, frame):
+        factory = self.factory
+        if factory.draining:
+            self.send_error("going_away", "the service is shutting down; send the request again after "
+                            "reconnecting", frame.frame_id)
+            return
         msg = self._checked(frame)
         if msg is None:
             return
-        config = self.factory.config
+        config = factory.config
         timeout = min(frame.timeout_ms or config.request_timeout_ms, config.max_request_timeout_ms)
-        d = self.factory.lattice.request(msg.subject, msg.body, timeout)
+        factory.inflight += 1
+        self._inflight += 1
+        started = time.monotonic()
+        d = factory.lattice.request(msg.subject, msg.body, timeout)
         frame_id = frame.frame_id
         d.addCallbacks(self._replied, self._publish_failed, callbackArgs=(frame_id,),
                        errbackArgs=(frame_id, msg.subject))
+        d.addBoth(self._request_done, started)
+
+    def _request_done(self, result, started):
+        self._inflight -= 1
+        factory = self.factory
+        histogram = factory.request_latency
+        if histogram is not None:
+            histogram.observe(time.monotonic() - started)
+        factory._request_finished()
+        if factory.draining and not self._inflight:
+            self.close_session(CLOSE_GOING_AWAY, "the service is shutting down")
+        return None
 
     def _replied(self, reply, frame_id):
         if self._open:
@@ -217,7 +323,7 @@ class MessagingServerProtocol(WebSocketServerProtocol):
         if pattern in self._subs:
             self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame.frame_id))
             return
-        rule = self.factory.subscribe_permissions.check_subscribe(pattern)
+        rule = self.subscribe_permissions.check_subscribe(pattern)
         if rule is not None:
             self.send_error(PermissionDenied.code, f"subscribe to {pattern!r} is not allowed ({rule})",
                             frame.frame_id)
@@ -374,6 +480,11 @@ class MessagingServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean, code, reason):
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
+        if self._expiry_call is not None and self._expiry_call.active():
+            self._expiry_call.cancel()
+        if self._counted:
+            self._counted = False
+            self.factory.connection_count -= 1
         if getattr(self, "closedByMe", False) and getattr(self, "localCloseCode", None):
             code = self.localCloseCode  # report why *we* closed, not the peer's echo
             reason = (self.localCloseReason or b"").decode("utf-8", "replace")
@@ -407,7 +518,67 @@ class MessagingServerProtocol(WebSocketServerProtocol):
             "subprotocol": self.subprotocol,
             "subscriptions": sorted(p for p in self._subs),
             "mode": "server",
+            "principal": self.identity.principal if self.identity is not None else None,
         }
+
+
+def _refuse_compression(offers):
+    return None
+
+
+def deflate_accept(window_bits: int, max_message_size: int):
+    """A ``perMessageCompressionAccept`` for permessage-deflate that bounds memory per session.
+
+    The server never takes context over between messages and compresses with a
+    ``2**window_bits`` window; it says so in its response (RFC 7692 lets a server add
+    ``server_no_context_takeover`` and ``server_max_window_bits`` unasked) so the peer
+    can free its own window. It asks the peer for the same (``client_no_context_takeover``,
+    ``client_max_window_bits``) when the peer's offer allows it. Decompressed messages
+    are bounded by ``MAX_MESSAGE_SIZE``.
+    """
+    from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+
+    mem_level = max(1, min(8, window_bits - 6))
+
+    class BoundedDeflateAccept(PerMessageDeflateOfferAccept):
+        def get_extension_string(self):
+            text = PerMessageDeflateOfferAccept.get_extension_string(self)
+            if not self.offer.request_no_context_takeover:
+                text += "; server_no_context_takeover"
+            if not self.offer.request_max_window_bits:
+                text += f"; server_max_window_bits={self.window_bits}"
+            return text
+
+    def accept(offers):
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                return BoundedDeflateAccept(
+                    offer,
+                    request_no_context_takeover=bool(offer.accept_no_context_takeover),
+                    request_max_window_bits=window_bits if offer.accept_max_window_bits else 0,
+                    no_context_takeover=True,
+                    window_bits=min(window_bits, offer.request_max_window_bits or window_bits),
+                    mem_level=mem_level,
+                    max_message_size=max_message_size)
+        return None
+
+    return accept
+
+
+def origin_patterns(origins) -> list:
+    """Autobahn matches ``scheme://host:port``; add the default port where the operator left it out."""
+    out = []
+    for origin in origins:
+        origin = origin.strip().rstrip("/")
+        scheme, sep, rest = origin.partition("://")
+        if sep and scheme.lower() in ("http", "https") and ":" not in rest.replace("*", ""):
+            if rest.endswith("*"):
+                out.append(origin)  # https://*  : any host, any port
+            else:
+                out.append(f"{origin}:{443 if scheme.lower() == 'https' else 80}")
+        else:
+            out.append(origin)
+    return out
 
 
 @implementer(IMessagingConsumer, ISessionRegistry)
@@ -433,6 +604,13 @@ class MessagingServerFactory(WebSocketServerFactory):
         self.broadcast_prefix = f"{config.subject_prefix}.broadcast."
         self.publish_permissions = config.publish_permissions()
         self.subscribe_permissions = config.subscribe_permissions()
+        self.authenticator = Authenticator.from_config(config)
+        self.rate_limited = bool(config.rate_limit_msgs_per_sec or config.rate_limit_bytes_per_sec)
+        self.connection_count = 0   # sessions past onConnect, not closed yet (MAX_CONNECTIONS)
+        self.inflight = 0           # peers' requests not answered yet (drain)
+        self.draining = False
+        self.request_latency = None  # a prometheus Histogram, set by wsprovider.metrics
+        self._inflight_waiters = []
         self._broadcast_sub = None
         self._observers = []
         self.setProtocolOptions(
@@ -443,7 +621,10 @@ class MessagingServerFactory(WebSocketServerFactory):
             openHandshakeTimeout=10,
             failByDrop=False,  # protocol violations (e.g. too big) get a close frame with the reason
             closeHandshakeTimeout=2,
-            perMessageCompressionAccept=lambda offers: None,
+            perMessageCompressionAccept=(deflate_accept(config.compression_window_bits, config.max_message_size)
+                                         if config.compression else _refuse_compression),
+            allowedOrigins=origin_patterns(config.allowed_origins) or ["*"],
+            allowNullOrigin=config.allow_null_origin,
         )
         # Autobahn logs every frame at debug level and tracks timings unless told not to.
         self.trackTimings = False
@@ -467,9 +648,42 @@ class MessagingServerFactory(WebSocketServerFactory):
         for session in list(self.sessions.values()):
             d = defer.Deferred()
             session.is_closed.addBoth(lambda _, d=d: d.callback(None))
-            session.close_session(code, reason)
+            if session.state != session.STATE_CLOSING:  # already closing: wait for its handshake
+                session.close_session(code, reason)
             waits.append(d)
         return defer.DeferredList(waits).addCallback(self._cancel_leftover_timers)
+
+    def drain(self, timeout: float, code=CLOSE_GOING_AWAY, reason="the service is shutting down"):
+        """Graceful shutdown: refuse new sessions, close idle sessions now, let the peers' in-flight
+        requests finish for up to ``timeout`` seconds (their sessions close once answered), then
+        close whatever is left. Deferred firing when every session is gone."""
+        self.draining = True
+        for session in list(self.sessions.values()):
+            if not session._inflight:
+                session.close_session(code, reason)
+        if not self.inflight:
+            return self.stop(code, reason)
+        _log.info("draining: waiting up to {timeout}s for {n} in-flight requests", timeout=timeout,
+                  n=self.inflight)
+        waiter = defer.Deferred()
+        self._inflight_waiters.append(waiter)
+
+        def expired():
+            if not waiter.called:
+                _log.warn("drain timeout: closing sessions with {n} requests still in flight", n=self.inflight)
+                waiter.callback(None)
+
+        timer = self.reactor.callLater(timeout, expired)
+        waiter.addCallback(lambda _: timer.cancel() if timer.active() else None)
+        return waiter.addCallback(lambda _: self.stop(code, reason))
+
+    def _request_finished(self):
+        self.inflight -= 1
+        if not self.inflight and self._inflight_waiters:
+            waiters, self._inflight_waiters = self._inflight_waiters, []
+            for w in waiters:
+                if not w.called:
+                    w.callback(None)
 
     def _cancel_leftover_timers(self, result):
         # Autobahn's batched timer can keep a bucket for a close-handshake timeout of a
