@@ -448,6 +448,22 @@ class EnvelopeWithIndependentServerTests(unittest.TestCase):
         yield server.send_all(json.dumps({"subject": frame["reply_to"], "body": "!"}))
         self.assertEqual((yield got.next()).body, b"!")
 
+    @defer.inlineCallbacks
+    def test_outbound_subjects_forward_lattice_traffic_without_echo(self):
+        server = yield start_server(self, envelope=True)
+        recorder = Recorder()
+        provider = yield start_client(self, server.url, {"OUTBOUND_SUBJECTS": "out.>"},
+                                      handlers=[("recorder", recorder, {"SUBSCRIPTIONS": "out.loop"})])
+        link = yield provider.ws.link_for().when_connected()
+        self.assertEqual(link.state, "connected")
+        yield provider.lattice.publish(BrokerMessage("out.first", b"1"))  # any lattice publisher
+        self.assertEqual(json.loads((yield server.received.get()))["subject"], "out.first")
+        # what the server sends on a forwarded subject reaches handlers but is not sent back
+        yield server.send_all(json.dumps({"subject": "out.loop", "body": "x"}))
+        self.assertEqual((yield recorder.next()).subject, "out.loop")
+        yield provider.lattice.publish(BrokerMessage("out.second", b"2"))
+        self.assertEqual(json.loads((yield server.received.get()))["subject"], "out.second")
+
 
 # -- against our own server mode (envelope) ------------------------------------------------
 

@@ -343,6 +343,7 @@ class ClientLink:
         self._inbound_current = None
         self._stopping = False
         self._stopped = None
+        self._connected_waiters = []
         self.factory = LinkFactory(self, self.target, config)
         endpoint = HostnameEndpoint(self.reactor, self.target.host, self.target.port,
                                     timeout=config.connect_timeout_sec)
@@ -389,7 +390,28 @@ class ClientLink:
         self._stopped = closed.addCallback(lambda _: self.service.stopService()).addCallback(self._finished, reason)
         return self._stopped
 
+    def when_connected(self):
+        """Deferred firing with this link once it is connected (at once if it is); fails with
+        ``NotConnected`` if the link is closed or gives up first."""
+        if self.protocol is not None:
+            return defer.succeed(self)
+        refused = self._not_sending()
+        if refused is not None:
+            return defer.fail(refused)
+        d = defer.Deferred()
+        self._connected_waiters.append(d)
+        return d
+
+    def _wake_waiters(self, error=None):
+        waiters, self._connected_waiters = self._connected_waiters, []
+        for d in waiters:
+            if error is None:
+                d.callback(self)
+            else:
+                d.errback(error)
+
     def _finished(self, _, reason):
+        self._wake_waiters(NotConnected(f"client link {self.link_id} to {self.target.shown} is closed: {reason}"))
         if self.state != FAILED:
             self.state = STOPPED
         self.next_retry_at = None
@@ -501,6 +523,7 @@ class ClientLink:
             for pattern in self.config.remote_subscriptions:
                 proto.sendMessage(proto.codec.control("subscribe", subject=pattern), False)
         self._flush()
+        self._wake_waiters()
 
     def _ws_closed(self, proto, was_clean, code, reason):
         if proto._timer is not None:
@@ -550,6 +573,7 @@ class ClientLink:
                        n=self.failures, error=self.last_error)
         self.service.stopService()
         self._drop_buffer(f"gave up after {self.failures} failed attempts")
+        self._wake_waiters(self._not_sending())
 
     # -- outbound ---------------------------------------------------------------------
 
