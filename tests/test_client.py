@@ -645,6 +645,25 @@ class LinkTests(unittest.TestCase):
         self.assertEqual(full_jitter(5, 0.5, 30, rnd=lambda: 0.0), 0.0)
 
 
+class DocsTests(unittest.TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_client_mode_doc_example_runs(self):
+        """The Python example of docs/client-mode.rst, run against a real server."""
+        import re
+        with open(os.path.join(ROOT, "docs", "client-mode.rst")) as f:
+            text = f.read()
+        block = re.search(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text).group(1)
+        code = "\n".join(line[4:] for line in block.splitlines())
+        namespace = {"__name__": "docs_example"}
+        exec(compile(code, "docs/client-mode.rst", "exec"), namespace)
+        server = yield start_server(self, greeting="hello handlers")
+        handler_1, handler_2 = yield namespace["main"](reactor, uri=server.url, linger=0)
+        self.assertEqual((yield server.received.get()), "hello server")
+        self.assertEqual((yield server.received.get()), "Response payload")
+
+
 # -- TLS -----------------------------------------------------------------------------------
 
 def make_ca_and_server_cert(directory):
