@@ -309,9 +309,9 @@ class MessagingServerProtocol(WebSocketServerProtocol):
         histogram = factory.request_latency
         if histogram is not None:
             histogram.observe(time.monotonic() - started)
-        factory._request_finished()
-        if factory.draining and not self._inflight:
+        if factory.draining and not self._inflight and self.state == self.STATE_OPEN:
             self.close_session(CLOSE_GOING_AWAY, "the service is shutting down")
+        factory._request_finished()
         return None
 
     def _replied(self, reply, frame_id):

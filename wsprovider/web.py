@@ -112,7 +112,7 @@ class AdminSessions(Resource):
         if self._token is None:
             return _json(request, 404, {"error": "admin endpoints are disabled; set ADMIN_TOKEN "
                                                  "(--admin-token) to enable them"})
-        header = (request.getHeader(b"authorization") or "").strip()
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1").strip()
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             request.setHeader(b"www-authenticate", b'Bearer realm="wsprovider-admin"')
