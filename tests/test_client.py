@@ -155,6 +155,11 @@ async def _serve(*args, **kwargs):
     return await serve(*args, **kwargs)  # serve() wants a running loop: build it inside the coroutine
 
 
+async def _close(server):
+    server.close()
+    await server.wait_closed()
+
+
 @defer.inlineCallbacks
 def start_server(testcase, **kwargs):
     server = WsServer(**kwargs)
@@ -378,6 +383,30 @@ class RawModeTests(unittest.TestCase):
         self.assertIn("not accepted", str(error))
         yield self.assertFailure(provider.request("s", b"y", 1000), BufferFull)
         self.assertEqual(only_link(provider)["buffered_messages"], 10)
+
+    @defer.inlineCallbacks
+    def test_server_that_stops_reading_fills_the_buffer_not_memory(self):
+        stalled = []
+
+        async def never_reads(ws):
+            stalled.append(ws)
+            await ws.wait_closed()  # never recv(): with max_queue=1 it stops reading the socket
+
+        server = yield as_deferred(_serve(never_reads, "127.0.0.1", 0, max_queue=1))
+        self.addCleanup(lambda: as_deferred(_close(server)))
+        provider = yield start_client(self, f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/",
+                                      {"OFFLINE_BUFFER_BYTES": "1048576"})
+        yield connected(provider)
+        chunk = b"x" * 65536
+        sent = 0
+        with self.assertRaises(BufferFull) as e:
+            while sent < 4000:  # 256 MiB: far more than socket buffers hold
+                yield provider.publish(BrokerMessage("bulk", chunk))
+                sent += 1
+        self.assertIn("not reading fast enough", str(e.exception))
+        link = only_link(provider)
+        self.assertEqual(link["state"], "connected")
+        self.assertLessEqual(link["buffered_bytes"], 1048576)
 
     @defer.inlineCallbacks
     def test_gives_up_after_max_attempts(self):

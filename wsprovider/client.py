@@ -202,6 +202,19 @@ class LinkProtocol(WebSocketClientProtocol):
     def onOpen(self):
         self.link._ws_open(self)
 
+    # IPushProducer, registered once the link is connected: while the transport's buffer is
+    # full, the link holds messages in its bounded buffer instead of growing the transport's.
+    def pauseProducing(self):
+        self.link._paused = True
+
+    def resumeProducing(self):
+        if self.link._paused:
+            self.link._paused = False
+            self.link._flush()
+
+    def stopProducing(self):
+        pass
+
     def onMessage(self, payload, isBinary):
         self.link._frame(self, payload, isBinary)
 
@@ -344,6 +357,7 @@ class ClientLink:
         self._stopping = False
         self._stopped = None
         self._connected_waiters = []
+        self._paused = False        # the transport asked us to stop writing (server reads slowly)
         self.factory = LinkFactory(self, self.target, config)
         endpoint = HostnameEndpoint(self.reactor, self.target.host, self.target.port,
                                     timeout=config.connect_timeout_sec)
@@ -375,7 +389,7 @@ class ClientLink:
     def stop(self, reason="the link was deleted"):
         """Close the connection and stop reconnecting. Deferred firing when it is closed."""
         if self._stopped is not None:
-            return self._stopped
+            return _relay(self._stopped)
         self._stopping = True
         for sub in self._subs:
             sub.unsubscribe()
@@ -388,7 +402,7 @@ class ClientLink:
         else:
             closed = defer.succeed(None)
         self._stopped = closed.addCallback(lambda _: self.service.stopService()).addCallback(self._finished, reason)
-        return self._stopped
+        return _relay(self._stopped)
 
     def when_connected(self):
         """Deferred firing with this link once it is connected (at once if it is); fails with
@@ -505,6 +519,8 @@ class ClientLink:
             return
         self.protocol = proto
         self.wire = proto.wire
+        self._paused = False
+        proto.transport.registerProducer(proto, True)
         self.state = CONNECTED
         self.connects += 1
         self.failures = 0
@@ -532,6 +548,7 @@ class ClientLink:
         if proto is self.protocol:
             self.protocol = None
             self.connected_at = None
+            self._paused = False
             if self._stopping:
                 return
             self.last_error = proto.error or _close_text(proto, code, reason, opened=True)
@@ -591,7 +608,7 @@ class ClientLink:
         if refused is not None:
             return defer.fail(refused)
         out = _Outgoing(self._map_own_address(msg))
-        if self.protocol is not None and not self._buffer:
+        if not self._buffer and self._writable():
             self._write(out)
             return defer.succeed(None)
         refused = self._enqueue(out)
@@ -612,7 +629,7 @@ class ClientLink:
         req.deferred = defer.Deferred(lambda d: self._forget_request(req))
         req.outgoing = _Outgoing(BrokerMessage(subject, body), req)
         req.timer = self.reactor.callLater(timeout_ms / 1000.0, self._request_timed_out, req)
-        if self.protocol is not None and not self._buffer:
+        if not self._buffer and self._writable():
             self._write(req.outgoing)
         else:
             refused = self._enqueue(req.outgoing)
@@ -621,12 +638,18 @@ class ClientLink:
                 return defer.fail(refused)
         return req.deferred
 
+    def _writable(self) -> bool:
+        proto = self.protocol
+        return proto is not None and not self._paused and proto.state == proto.STATE_OPEN
+
     def _enqueue(self, out):
         """Buffer ``out`` while the link is down; return None, or the ``BufferFull`` refusing it."""
         limit = self.config.offline_buffer_bytes
         if self._buffered + out.size > limit:
+            why = ("connected but the server is not reading fast enough" if self.protocol is not None
+                   else self.state.replace("_", " "))
             return BufferFull(
-                f"client link {self.link_id} to {self.target.shown} is {self.state.replace('_', ' ')} and its "
+                f"client link {self.link_id} to {self.target.shown} is {why}, and its "
                 f"offline buffer is full ({len(self._buffer)} message(s), {self._buffered} of "
                 f"OFFLINE_BUFFER_BYTES={limit} bytes; this one needs {out.size}); the message was not accepted")
         self._buffer.append(out)
@@ -635,7 +658,7 @@ class ClientLink:
 
     def _flush(self):
         buffer = self._buffer
-        while buffer and self.protocol is not None:
+        while buffer and self._writable():
             out = buffer.popleft()
             self._buffered -= out.size
             self._write(out)
