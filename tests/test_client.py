@@ -582,6 +582,23 @@ class OwnServerTests(unittest.TestCase):
         yield connected(self.client)  # and it comes back
 
 
+class OwnServerAuthTests(unittest.TestCase):
+    """AUTH_TOKEN on both ends: our client's bearer token against our server's check."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_token_accepted_and_wrong_token_reported(self):
+        server = yield start_provider(self, {"AUTH_TOKEN": "t0ken"})
+        good = yield start_client(self, ws_url(server), {"AUTH_TOKEN": "t0ken"})
+        yield connected(good)
+        self.assertEqual(only_link(good)["wire_mode"], "envelope")
+        bad = yield start_client(self, ws_url(server), {"AUTH_TOKEN": "nope"})
+        yield wait_for(lambda: only_link(bad)["attempts"] >= 2 and only_link(bad)["last_error"], "a retry")
+        self.assertIn("HTTP 401", only_link(bad)["last_error"])
+        self.assertEqual(len(server.list_sessions()), 1)
+
+
 # -- links: sharing, deleting, config -------------------------------------------------------
 
 class LinkTests(unittest.TestCase):
