@@ -1,24 +1,18 @@
 """The NATS lattice with real parts: nats-server (single and 3-node cluster), several
 wsprovider instances on it, real WebSocket peers, a crashing twistd instance, outages."""
 
-import json
-import os
-import sys
+import secrets
 import time
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from wsprovider import BrokerMessage, MessagingError, NotConnected
 from wsprovider.lattice.nats import NatsLattice
 from wsprovider.nats import NatsClient
 
-from .natsserver import NatsServer, free_port, start_cluster
+from .natsserver import NatsServer, start_cluster
 from .peers import WebsocketsPeer, start_provider, ws_url
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = ["-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
-
 
 @defer.inlineCallbacks
 def start_nats_provider(testcase, url, **config):
@@ -49,6 +43,31 @@ def wait_connected(lattice, connected: bool):
         return d
     lattice.on_state_change(lambda now: now == connected and not d.called and d.callback(None))
     return d
+
+
+@defer.inlineCallbacks
+def settle(src, dst):
+    """Wait until every subscription ``dst``'s NATS server has confirmed is known where
+    ``src`` publishes.
+
+    In a NATS cluster interest travels between nodes asynchronously. Route updates from one
+    node to another are ordered, so once a fresh subscription made through ``dst`` is
+    visible from ``src``, so is everything ``dst``'s node had processed before it. On a
+    single server this is one round trip.
+    """
+    from wsprovider.message import NoResponders
+    subject = "_settle." + secrets.token_hex(8)
+    sub = yield dst.lattice.subscribe(
+        subject, lambda m: dst.lattice.publish(BrokerMessage(m.reply_to, b"")) if m.reply_to else None)
+    try:
+        while True:
+            try:
+                yield src.lattice.request(subject, b"", 2000)
+                return
+            except NoResponders:
+                continue
+    finally:
+        sub.unsubscribe()
 
 
 def connect(provider, **kwargs):
@@ -93,6 +112,7 @@ class TwoInstancesMixin:
     def test_peer_publish_reaches_component_and_reply_routes_back(self):
         component = yield nats_client(self, self.url_b)
         yield component.subscribe("svc.upper", lambda m: m.respond(m.data.upper()))
+        yield settle(self.a, self.b)
         peer = yield connect(self.a)
         yield peer.send_json({"subject": "svc.upper", "body": "hello"})
         frame = yield peer.recv_json()
@@ -103,6 +123,8 @@ class TwoInstancesMixin:
     def test_peer_request_reply_and_no_responders(self):
         component = yield nats_client(self, self.url_b)
         yield component.subscribe("svc.upper", lambda m: m.respond(m.data.upper()))
+        yield component.subscribe("svc.slow", lambda m: None)  # never answers
+        yield settle(self.a, self.b)
         peer = yield connect(self.a)
         started = time.monotonic()
         yield peer.send_json({"type": "request", "id": 1, "subject": "svc.upper", "body": "hi"})
@@ -112,7 +134,6 @@ class TwoInstancesMixin:
         yield peer.send_json({"type": "request", "id": 2, "subject": "nobody.home", "body": ""})
         err = yield peer.recv_json()
         self.assertEqual((err["type"], err["code"], err["id"]), ("error", "no_responders", 2))
-        yield component.subscribe("svc.slow", lambda m: None)  # never answers
         yield peer.send_json({"type": "request", "id": 3, "subject": "svc.slow", "timeout_ms": 100})
         err = yield peer.recv_json()
         self.assertEqual((err["code"], err["id"]), ("timeout", 3))
@@ -130,6 +151,8 @@ class TwoInstancesMixin:
     def test_peer_to_peer_across_instances(self):
         pa = yield connect(self.a)
         pb = yield connect(self.b)
+        yield settle(self.a, self.b)
+        yield settle(self.b, self.a)
         yield pa.send_json({"subject": pb.address, "body": "hi b"})
         frame = yield pb.recv_json()
         self.assertEqual(frame, {"type": "message", "subject": pb.address, "body": "hi b",
@@ -144,6 +167,7 @@ class TwoInstancesMixin:
     @defer.inlineCallbacks
     def test_send_to_session_on_other_instance_keeps_subject(self):
         pb = yield connect(self.b)
+        yield settle(self.a, self.b)
         yield self.a.send_to_session(pb.session_id, BrokerMessage("notification", b"only b", "reply.here"))
         frame = yield pb.recv_json()
         self.assertEqual(frame, {"type": "message", "subject": "notification", "body": "only b",
@@ -157,6 +181,7 @@ class TwoInstancesMixin:
     def test_component_publishes_to_session_address(self):
         component = yield nats_client(self, self.url_a)
         pb = yield connect(self.b)
+        yield settle(self.a, self.b)
         yield component.publish(pb.address + ".news", b"\x00\xffbinary")
         frame = yield pb.recv_json()
         self.assertEqual(frame["subject"], pb.address + ".news")
@@ -181,6 +206,7 @@ class TwoInstancesMixin:
         pa = yield connect(self.a)
         pb = yield connect(self.b)
         yield pb.subscribe("chat.>")
+        yield settle(self.a, self.b)
         yield pa.send_json({"subject": "chat.room1", "body": "hi all"})
         frame = yield pb.recv_json()
         self.assertEqual(frame, {"type": "message", "subject": "chat.room1", "body": "hi all",
@@ -196,6 +222,7 @@ class TwoInstancesMixin:
         for w in workers:
             yield w.send_json({"type": "subscribe", "subject": "jobs.*", "queue": "workers"})
             self.assertEqual((yield w.recv_json())["type"], "subscribed")
+        yield settle(self.a, self.b)
         component = yield nats_client(self, self.url_a)
         for i in range(20):
             yield component.publish(f"jobs.{i}", str(i).encode())
@@ -220,6 +247,7 @@ class TwoInstancesMixin:
     @defer.inlineCallbacks
     def test_component_request_to_session_on_other_instance(self):
         pb = yield connect(self.b)
+        yield settle(self.a, self.b)
         d = self.a.request(pb.address, b"question", 5000)
         frame = yield pb.recv_json()
         self.assertEqual(frame["body"], "question")
@@ -238,6 +266,7 @@ class TwoInstancesMixin:
     @defer.inlineCallbacks
     def test_session_on_other_instance_disconnects_during_request(self):
         pb = yield connect(self.b)
+        yield settle(self.a, self.b)
         started = time.monotonic()
         d = self.a.request(pb.address, b"question", 20000)
         yield pb.recv_json()
@@ -249,6 +278,7 @@ class TwoInstancesMixin:
     @defer.inlineCallbacks
     def test_request_to_session_times_out(self):
         pb = yield connect(self.b)
+        yield settle(self.a, self.b)
         d = self.a.request(pb.address, b"question", 200)
         yield pb.recv_json()
         err = yield self.assertFailure(d, MessagingError)
@@ -286,6 +316,7 @@ class TwoInstancesMixin:
 
         yield self.a.receive_link_config_as_source("counter", {"SUBSCRIPTIONS": "count.>"}, handler=Counter())
         yield self.b.receive_link_config_as_source("counter", {"SUBSCRIPTIONS": "count.>"}, handler=Counter())
+        yield settle(self.a, self.b)
         component = yield nats_client(self, self.url_a)
         for i in range(10):
             yield component.publish(f"count.{i}", str(i).encode())

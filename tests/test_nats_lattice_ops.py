@@ -267,3 +267,41 @@ class CrashedInstanceTests(NatsServerMixin, unittest.TestCase):
         yield self.assertFailure(
             survivor.send_to_session(doomed.session_id, BrokerMessage("hello", b"gone?")), NotConnected)
         yield local.close()
+
+
+class ClusterFailoverTests(unittest.TestCase):
+    timeout = 45
+
+    @defer.inlineCallbacks
+    def test_instance_fails_over_to_another_node(self):
+        """A's node dies: A reconnects to a node it learned from the cluster; its sessions
+        stay open and become reachable again from B, with their subscriptions."""
+        from .natsserver import start_cluster
+        servers = yield start_cluster(self, size=3)
+        a = yield start_nats_provider(self, servers[0].url, INSTANCE_ID="fa")
+        b = yield start_nats_provider(self, servers[2].url, INSTANCE_ID="fb")
+        pa = yield connect(a)
+        pb = yield connect(b)
+        yield pa.subscribe("room.*")
+        yield servers[0].kill()
+        yield wait_connected(a.lattice, False)
+        started = time.monotonic()
+        yield wait_connected(a.lattice, True)
+        self.failover_s = time.monotonic() - started
+        self.assertNotEqual(a.lattice.client.connected_server.port, servers[0].port)
+        # Restored interest may take a moment to cross the routes: B's acknowledged send
+        # tells us when A's session is reachable again (bounded by the test timeout).
+        while True:
+            try:
+                yield b.send_to_session(pa.session_id, BrokerMessage("probe", b""))
+                break
+            except NotConnected:
+                continue
+        self.assertEqual((yield pa.recv_json())["subject"], "probe")
+        yield pb.send_json({"subject": "room.1", "body": "after failover"})
+        frame = yield pa.recv_json()
+        self.assertEqual((frame["subject"], frame["body"]), ("room.1", "after failover"))
+        yield pb.send_json({"subject": pa.address, "body": "direct"})
+        self.assertEqual((yield pa.recv_json())["body"], "direct")
+        yield pa.close()
+        yield pb.close()
