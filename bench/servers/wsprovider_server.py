@@ -1,0 +1,62 @@
+"""The full stack under test: ``WebSocketMessagingProvider`` in server mode, as shipped.
+
+Envelope codec, permissions, routing on the lattice, a Python echo component
+(``wsprovider.handlers:echo`` linked to ``echo.>``) and a bench-only component on
+``bench.broadcast`` that calls ``provider.broadcast_to_clients`` with the body it got,
+on subject ``bench.news``.
+
+    python bench/servers/wsprovider_server.py PORT [NATS_URL]   # prints "READY <port>"
+
+With NATS_URL the lattice is the NATS lattice (W5) and the echo component is not
+linked here: an echo responder runs elsewhere on the bus.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from twisted.internet import reactor  # noqa: E402  (the default reactor, as twistd uses)
+from zope.interface import implementer  # noqa: E402
+
+from wsprovider import BrokerMessage, IMessageHandler, WebSocketMessagingProvider  # noqa: E402
+from wsprovider.handlers import echo  # noqa: E402
+
+
+@implementer(IMessageHandler)
+class Broadcaster:
+    def __init__(self, provider):
+        self.provider = provider
+
+    def handle_message(self, msg):
+        self.provider.broadcast_to_clients(BrokerMessage("bench.news", msg.body))
+
+
+def main(port, nats_url=None):
+    config = {"MODE": "server", "URI": f"tcp:{port}:interface=127.0.0.1:backlog=4096"}
+    lattice = None
+    if nats_url:
+        from wsprovider.lattice.nats import NatsLattice  # W5 only
+        lattice = NatsLattice.from_url(nats_url, reactor=reactor) if hasattr(NatsLattice, "from_url") else NatsLattice(nats_url, reactor=reactor)
+    provider = WebSocketMessagingProvider.from_config(config, lattice=lattice, reactor=reactor)
+    provider.startService()
+    if not nats_url:
+        provider.receive_link_config_as_source("echo", {"SUBSCRIPTIONS": "echo.>"}, handler=echo)
+    provider.receive_link_config_as_source("broadcaster", {"SUBSCRIPTIONS": "bench.broadcast"},
+                                           handler=Broadcaster(provider))
+
+    def ready(p):
+        print("READY", p.port, flush=True)
+
+    def failed(f):
+        print("FAILED", f.getErrorMessage(), flush=True)
+        reactor.stop()
+
+    provider.when_ready().addCallbacks(ready, failed)
+    reactor.addSystemEventTrigger("before", "shutdown", provider.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
