@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import envelope
+from ._fastframes import FastFramesMixin
 from .auth import Authenticator, AuthError
 from .interfaces import IMessagingConsumer, IPushProducer, ISessionRegistry
 from .message import BrokerMessage, MessagingError, NotConnected, PermissionDenied
@@ -68,7 +69,7 @@ def _close_reason(reason: str) -> bytes:
 
 
 @implementer(IPushProducer)
-class MessagingServerProtocol(WebSocketServerProtocol):
+class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
     """One WebSocket peer: a session."""
 
     session_id = None
@@ -393,7 +394,7 @@ class MessagingServerProtocol(WebSocketServerProtocol):
         stats.messages_out += 1
         stats.bytes_out += len(payload)
         if self._queue is None:
-            self.sendMessage(payload, self._binary)
+            self.send_message_fast(payload, self._binary)
             return True
         return self._enqueue(payload, len(payload))
 

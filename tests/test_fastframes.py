@@ -1,0 +1,209 @@
+"""The inbound/outbound frame fast path (wsprovider._fastframes) against hand-made frames.
+
+A raw TCP peer writes frames byte by byte, pipelined, fragmented, unmasked or with bad
+UTF-8, so that both the fast path and the hand-over to Autobahn are exercised.
+"""
+
+import base64
+import json
+import os
+import struct
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial import unittest
+
+from wsprovider._fastframes import unmask
+from wsprovider.handlers import echo
+
+from .peers import start_provider
+
+
+def frame(payload: bytes, opcode=1, fin=True, masked=True, rsv=0) -> bytes:
+    b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((b0, mask_bit | n))
+    elif n < 65536:
+        head = bytes((b0, mask_bit | 126)) + struct.pack("!H", n)
+    else:
+        head = bytes((b0, mask_bit | 127)) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class RawPeer(protocol.Protocol):
+    def __init__(self):
+        self.buf = b""
+        self.handshaken = False
+        self.frames = []      # (opcode, payload)
+        self.waiting = []
+        self.closed = defer.Deferred()
+        self.open = defer.Deferred()
+
+    def connectionMade(self):
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.transport.write(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                              "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                              f"Sec-WebSocket-Key: {key}\r\n\r\n").encode())
+
+    def dataReceived(self, data):
+        self.buf += data
+        if not self.handshaken:
+            head, sep, rest = self.buf.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            assert head.startswith(b"HTTP/1.1 101"), head
+            self.handshaken = True
+            self.buf = rest
+            self.open.callback(None)
+        while len(self.buf) >= 2:
+            b0, b1 = self.buf[0], self.buf[1]
+            n, i = b1 & 0x7F, 2
+            if n == 126:
+                if len(self.buf) < 4:
+                    return
+                n, i = struct.unpack("!H", self.buf[2:4])[0], 4
+            elif n == 127:
+                if len(self.buf) < 10:
+                    return
+                n, i = struct.unpack("!Q", self.buf[2:10])[0], 10
+            if len(self.buf) < i + n:
+                return
+            self.frames.append((b0 & 0x0F, self.buf[i:i + n]))
+            self.buf = self.buf[i + n:]
+        self._wake()
+
+    def _wake(self):
+        waiting, self.waiting = self.waiting, []
+        for count, d in waiting:
+            if len(self.frames) >= count:
+                d.callback(self.frames[:count])
+            else:
+                self.waiting.append((count, d))
+
+    def wait_frames(self, count):
+        d = defer.Deferred()
+        self.waiting.append((count, d))
+        self._wake()
+        return d
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+    def close_code(self):
+        for opcode, payload in self.frames:
+            if opcode == 8:
+                return struct.unpack("!H", payload[:2])[0]
+        return None
+
+
+class FastFrameTests(unittest.TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.provider = yield start_provider(self, handlers=[("echo", echo, {"SUBSCRIPTIONS": "echo.>"})])
+
+    @defer.inlineCallbacks
+    def connect(self):
+        peer = RawPeer()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.provider.port), peer)
+        yield peer.open
+        (welcome,) = yield peer.wait_frames(1)
+        self.assertEqual(json.loads(welcome[1])["type"], "welcome")
+        self.addCleanup(lambda: peer.transport.abortConnection() if peer.transport.connected else None)
+        return peer
+
+    def _echo_bodies(self, frames):
+        return [json.loads(p)["body"] for op, p in frames]
+
+    @defer.inlineCallbacks
+    def test_pipelined_frames_in_one_write(self):
+        peer = yield self.connect()
+        bodies = [f"m{i}-" + "é" * (i * 7) for i in range(40)]  # short and 126+ byte frames
+        peer.transport.write(b"".join(frame(json.dumps({"subject": "echo.x", "body": b}).encode())
+                                      for b in bodies))
+        got = yield peer.wait_frames(41)
+        self.assertEqual(self._echo_bodies(got[1:]), bodies)
+
+    @defer.inlineCallbacks
+    def test_frames_split_byte_by_byte(self):
+        peer = yield self.connect()
+        data = b"".join(frame(json.dumps({"subject": "echo.x", "body": f"b{i}" * (i * 30)}).encode())
+                        for i in range(4))
+        for i in range(len(data)):
+            peer.transport.write(data[i:i + 1])
+            if i % 50 == 0:
+                yield deferLater()
+        got = yield peer.wait_frames(5)
+        self.assertEqual(self._echo_bodies(got[1:]), [f"b{i}" * (i * 30) for i in range(4)])
+
+    @defer.inlineCallbacks
+    def test_fragmented_message_and_ping_interleaved(self):
+        peer = yield self.connect()
+        text = json.dumps({"subject": "echo.x", "body": "fragmented"}).encode()
+        peer.transport.write(frame(text[:10], opcode=1, fin=False) + frame(b"hi", opcode=9)
+                             + frame(text[10:], opcode=0, fin=True)
+                             + frame(json.dumps({"subject": "echo.x", "body": "after"}).encode()))
+        got = yield peer.wait_frames(4)
+        self.assertEqual(got[1], (10, b"hi"))  # pong
+        self.assertEqual(self._echo_bodies(got[2:]), ["fragmented", "after"])
+
+    @defer.inlineCallbacks
+    def test_invalid_utf8_text_closes_1007(self):
+        peer = yield self.connect()
+        peer.transport.write(frame(b'{"subject":"echo.x","body":"\xff\xfe"}'))
+        yield peer.closed
+        self.assertEqual(peer.close_code(), 1007)
+
+    @defer.inlineCallbacks
+    def test_encoded_surrogate_closes_1007(self):
+        peer = yield self.connect()
+        peer.transport.write(frame(b'{"subject":"echo.x","body":"\xed\xa0\x80"}'))
+        yield peer.closed
+        self.assertEqual(peer.close_code(), 1007)
+
+    @defer.inlineCallbacks
+    def test_unmasked_frame_is_refused(self):
+        peer = yield self.connect()
+        peer.transport.write(frame(b'{"subject":"echo.x","body":"x"}', masked=False))
+        yield peer.closed
+        self.assertEqual(peer.close_code(), 1002)
+
+    @defer.inlineCallbacks
+    def test_rsv_bits_are_refused(self):
+        peer = yield self.connect()
+        peer.transport.write(frame(b'{"subject":"echo.x","body":"x"}', rsv=4))
+        yield peer.closed
+        self.assertEqual(peer.close_code(), 1002)
+
+    @defer.inlineCallbacks
+    def test_too_big_after_good_frames_closes_1009(self):
+        peer = yield self.connect()
+        good = frame(json.dumps({"subject": "echo.x", "body": "ok"}).encode())
+        peer.transport.write(good + frame(b"x" * 65537))
+        yield peer.closed
+        self.assertEqual(self._echo_bodies(peer.frames[1:2]), ["ok"])
+        self.assertEqual(peer.close_code(), 1009)
+
+    @defer.inlineCallbacks
+    def test_binary_frame_and_close(self):
+        peer = yield self.connect()
+        peer.transport.write(frame(b"\x00\x01binary", opcode=2) + frame(struct.pack("!H", 1000), opcode=8))
+        yield peer.closed
+        self.assertEqual(peer.close_code(), 1000)
+
+    def test_unmask(self):
+        for n in (0, 1, 3, 4, 5, 125, 126, 4096, 4097, 70000):
+            mask, data = os.urandom(4), os.urandom(n)
+            expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+            self.assertEqual(unmask(mask, data), expected, n)
+
+
+def deferLater():
+    from twisted.internet import task
+    return task.deferLater(reactor, 0, lambda: None)
