@@ -68,6 +68,7 @@ class WebSocketMessagingProvider(service.MultiService):
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config
+        self._client_mode = config.mode == "client"  # read per published message
         if lattice is None and config.nats_url:
             from .lattice.nats import NatsLattice
             lattice = NatsLattice.from_config(config, reactor, name=f"wsprovider {config.instance_id or ''}".strip())
@@ -272,7 +273,7 @@ class WebSocketMessagingProvider(service.MultiService):
     def publish(self, msg: BrokerMessage, component_id: str | None = None):
         if self.ws is None:
             return defer.fail(NotConnected("the provider is not started"))
-        if component_id is not None and self.config.mode == "client":
+        if component_id is not None and self._client_mode:
             return self.ws.publish(msg, component_id)  # through that component's own link
         return self.ws.publish(msg)
 

@@ -271,8 +271,10 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         msg = self._checked(frame)
         if msg is None:
             return
-        d = self.factory.lattice.publish(msg)
-        if d.called and d.result is None:
+        lattice = self.factory.lattice
+        dispatch = getattr(lattice, "dispatch", None)  # LocalLattice: None when delivered synchronously
+        d = dispatch(msg) if dispatch is not None else lattice.publish(msg)
+        if d is None or (d.called and d.result is None):
             return  # fast path: delivered synchronously
         d.addErrback(self._publish_failed, frame.frame_id, msg.subject)
 

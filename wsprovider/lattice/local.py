@@ -138,22 +138,48 @@ class LocalLattice:
     # -- publishing -------------------------------------------------------------------
 
     def publish(self, msg: BrokerMessage):
+        d = self.dispatch(msg)
+        return defer.succeed(None) if d is None else d
+
+    def dispatch(self, msg: BrokerMessage):
+        """``publish`` for hot paths: None when every receiver took the message synchronously
+        and without error (no Deferred is made), else the Deferred ``publish`` returns."""
         subject = msg.subject
-        pending = self._pending.pop(subject, None)
-        if pending is not None:
-            pending.timer.cancel()
-            pending.deferred.callback(msg)
-            return defer.succeed(None)
+        if self._pending:
+            pending = self._pending.pop(subject, None)
+            if pending is not None:
+                pending.timer.cancel()
+                pending.deferred.callback(msg)
+                return None
         subs = self._match(subject)
         if not subs:
             if self.strict:
                 return defer.fail(NoResponders(f"no subscriber for subject {subject!r}: the message was not delivered"))
-            return defer.succeed(None)
+            return None
         if self._depth >= _MAX_SYNC_DEPTH:
             d = defer.Deferred()
-            self._reactor.callLater(0, lambda: self._deliver(msg, subs).chainDeferred(d))
+            self._reactor.callLater(0, lambda: self._deliver_deferred(msg, subs).chainDeferred(d))
             return d
+        if len(subs) == 1:
+            sub = subs[0]
+            if sub.active and sub.queue is None:  # the common case, without the general loop
+                self._depth += 1
+                try:
+                    result = sub.callback(msg)
+                except Exception:
+                    return defer.fail(_as_messaging_error(Failure()))
+                finally:
+                    self._depth -= 1
+                if isinstance(result, defer.Deferred):
+                    if result.called and not result.paused and not isinstance(result.result, Failure):
+                        return None  # already done
+                    return result.addCallbacks(_none, _messaging_failure)
+                return None
         return self._deliver(msg, subs)
+
+    def _deliver_deferred(self, msg, subs):
+        d = self._deliver(msg, subs)
+        return defer.succeed(None) if d is None else d
 
     def _deliver(self, msg, subs):
         self._depth += 1
@@ -179,10 +205,10 @@ class LocalLattice:
             return defer.fail(_as_messaging_error(errors[0]))
         if waiting:
             if len(waiting) == 1:
-                return waiting[0].addCallbacks(lambda _: None, lambda f: Failure(_as_messaging_error(f)))
+                return waiting[0].addCallbacks(_none, _messaging_failure)
             return defer.gatherResults(waiting, consumeErrors=True).addCallbacks(
-                lambda _: None, lambda f: Failure(_as_messaging_error(f.value.subFailure)))
-        return defer.succeed(None)
+                _none, lambda f: Failure(_as_messaging_error(f.value.subFailure)))
+        return None
 
     def _receivers(self, subs):
         """The active subscriptions that get this message: all plain ones, one per queue group."""
@@ -258,6 +284,14 @@ class LocalLattice:
             p.deferred.errback(NotConnected("the lattice was shut down before a reply arrived"))
         self.connected = False
         return defer.succeed(None)
+
+
+def _none(_):
+    return None
+
+
+def _messaging_failure(failure):
+    return Failure(_as_messaging_error(failure))
 
 
 def _as_messaging_error(failure: Failure) -> MessagingError:
