@@ -35,11 +35,9 @@ class Broadcaster:
 
 def main(port, nats_url=None):
     config = {"MODE": "server", "URI": f"tcp:{port}:interface=127.0.0.1:backlog=4096"}
-    lattice = None
     if nats_url:
-        from wsprovider.lattice.nats import NatsLattice  # W5 only
-        lattice = NatsLattice.from_url(nats_url, reactor=reactor) if hasattr(NatsLattice, "from_url") else NatsLattice(nats_url, reactor=reactor)
-    provider = WebSocketMessagingProvider.from_config(config, lattice=lattice, reactor=reactor)
+        config["NATS_URL"] = nats_url  # W5: the NATS lattice
+    provider = WebSocketMessagingProvider.from_config(config, reactor=reactor)
     provider.startService()
     if not nats_url:
         provider.receive_link_config_as_source("echo", {"SUBSCRIPTIONS": "echo.>"}, handler=echo)
