@@ -45,6 +45,17 @@ def unmask(mask: bytes, payload: bytes) -> bytes:
 class FastFramesMixin:
     """Mix in before Autobahn's ``WebSocket*Protocol`` (server side: peers mask their frames)."""
 
+    def _connectionMade(self) -> None:
+        # Autobahn copies the factory's options onto the connection and pretty-prints all
+        # of them for a debug log, on every connection (a quarter of a connect's cost).
+        # Copy them here the same way; Autobahn's loop then has nothing left to log.
+        factory = self.factory
+        for attr in self.CONFIG_ATTRS:
+            if not hasattr(self, attr):
+                setattr(self, attr, getattr(factory, attr))
+        self.CONFIG_ATTRS = ()
+        super()._connectionMade()
+
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's version formats debug-log arguments first, on every read.
         self._dataReceived(data)

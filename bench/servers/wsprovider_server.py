@@ -34,6 +34,10 @@ class Broadcaster:
 
 
 def main(port, nats_url=None):
+    # Like twistd: log events are written out (here to stderr, which run.py sends to a
+    # file) instead of piling up in the start-up buffer.
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     config = {"MODE": "server", "URI": f"tcp:{port}:interface=127.0.0.1:backlog=4096"}
     if nats_url:
         config["NATS_URL"] = nats_url  # W5: the NATS lattice
