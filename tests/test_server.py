@@ -415,3 +415,24 @@ class ConsumerContractTests(unittest.TestCase):
         self.assertEqual((err["code"], err["id"]), ("handler_error", 4))
         self.assertIn("division by zero", err["message"])
         yield peer.close()
+
+
+class OutboundLimitTests(unittest.TestCase):
+    """MAX_MESSAGE_SIZE holds both ways; the sender of an oversized message is told."""
+
+    timeout = 10
+
+    @defer.inlineCallbacks
+    def test_oversized_message_to_session_fails_for_the_sender(self):
+        provider = yield start_provider(self, {"MAX_MESSAGE_SIZE": "1024"},
+                                        handlers=[("echo", echo, {"SUBSCRIPTIONS": "echo.>"})])
+        peer = yield WebsocketsPeer.connect(ws_url(provider))
+        self.assertEqual(peer.welcome["max_message_size"], 1024)
+        with self.assertRaises(MessagingError) as cm:
+            yield provider.publish(BrokerMessage(peer.address, b"x" * 2000))
+        self.assertEqual(cm.exception.code, "too_large")
+        self.assertIn("MAX_MESSAGE_SIZE", str(cm.exception))
+        # The session is unaffected and still gets what fits.
+        yield provider.send_to_session(peer.session_id, BrokerMessage("small", b"ok"))
+        self.assertEqual((yield peer.recv_json())["body"], "ok")
+        yield peer.close()

@@ -319,7 +319,12 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
 
     def _replied(self, reply, frame_id):
         if self._open:
-            self.send_payload(self.codec.message(reply, kind="reply", frame_id=frame_id))
+            payload = self.codec.message(reply, kind="reply", frame_id=frame_id)
+            if len(payload) > self.maxMessagePayloadSize > 0:
+                err = self._too_large(reply, len(payload))
+                self.send_error(err.code, str(err), frame_id)
+                return
+            self.send_payload(payload)
 
     def _subscribe(self, frame):
         pattern = frame.subject
@@ -374,7 +379,18 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
             if len(owed) >= _MAX_OWED_REPLIES:
                 self._trim_owed()
             owed[reply_to] = time.monotonic() + self.factory.config.max_request_timeout_ms / 1000.0
-        self.send_payload(self.codec.message(msg))
+        payload = self.codec.message(msg)
+        if len(payload) > self.maxMessagePayloadSize > 0:
+            raise self._too_large(msg, len(payload))
+        self.send_payload(payload)
+
+    def _too_large(self, msg, size) -> MessagingError:
+        # The limit is symmetric (as NATS' max_payload): the peer announced it in welcome.
+        self.factory.stats.errors["too_large"] += 1
+        return MessagingError(
+            f"message to {msg.subject!r} is {size} bytes framed, larger than session {self.session_id}'s "
+            f"limit of {self.maxMessagePayloadSize} bytes (MAX_MESSAGE_SIZE); it was not delivered",
+            code="too_large")
 
     def _trim_owed(self):
         now = time.monotonic()
@@ -782,6 +798,11 @@ class MessagingServerFactory(WebSocketServerFactory):
             entry = prepared.get(codec.name)
             if entry is None:
                 payload = codec.message(msg)
+                if len(payload) > self.maxMessagePayloadSize > 0:
+                    self.stats.errors["too_large"] += 1
+                    _log.warn("broadcast on {subject} dropped: {size} bytes framed exceeds MAX_MESSAGE_SIZE "
+                              "({limit})", subject=msg.subject, size=len(payload), limit=self.maxMessagePayloadSize)
+                    return 0
                 entry = prepared[codec.name] = (self.prepareMessage(payload, codec.is_binary), len(payload))
             if session.send_prepared(*entry):
                 count += 1
