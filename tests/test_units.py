@@ -216,3 +216,12 @@ class LocalLatticeTests(unittest.TestCase):
         yield self.lattice.close()
         f = self.failureResultOf(d)
         self.assertEqual(f.value.code, "not_connected")
+
+
+class SettingsReferenceTests(unittest.TestCase):
+    def test_docs_settings_is_current(self):
+        import os
+        from wsprovider.settings_doc import render
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "settings.rst")
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual(f.read(), render(), "regenerate: python -m wsprovider.settings_doc > docs/settings.rst")
