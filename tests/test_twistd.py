@@ -44,6 +44,8 @@ class TwistdOptionTests(unittest.TestCase):
             (["--handler=wsprovider.handlers"], "expected module:attribute"),
             (["--handler=wsprovider.handlers:nothing"], "has no attribute"),
             (["--ping-interval-sec=-1"], "out of range"),
+            (["--jwt-public-key=/nonexistent/key.pem"], "--jwt-public-key (JWT_PUBLIC_KEY): cannot load"),
+            (["--jwt-algorithms=HS256"], "--jwt-algorithms (JWT_ALGORITHMS)"),
         ]
         for args, expected in cases:
             out, err, code = yield twistd("-n", "--pidfile=", "wsprovider", *args)

@@ -71,6 +71,8 @@ class Options(usage.Options):
             from .endpoints import server_endpoint_description
             if self["config"].mode == "server":
                 server_endpoint_description(self["config"].uri)
+                from .auth import Authenticator
+                Authenticator.from_config(self["config"])  # key files and algorithms, checked now
             elif not self["config"].uri:
                 raise ConfigError("URI: client mode needs the WebSocket URL to connect to, e.g. --uri ws://127.0.0.1:8080/ws")
             self["handler_objects"] = [(spec, load_handler(spec)) for spec in self["handlers"]]
