@@ -9,12 +9,9 @@ embedded in any Twisted application; the twistd plugin only wires it.
 from __future__ import annotations
 
 import importlib
-
-import txaio
-
-txaio.use_twisted()
 from typing import Mapping
 
+import txaio
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
@@ -26,6 +23,8 @@ from .endpoints import server_endpoint_description
 from .interfaces import IMessageHandler, IMessagingConsumer
 from .lattice.local import LocalLattice
 from .message import BrokerMessage, MessagingError, NotConnected
+
+txaio.use_twisted()  # Autobahn's logging helpers need a framework before any protocol exists
 
 
 def nvx_active() -> bool:
@@ -137,7 +136,7 @@ class WebSocketMessagingProvider(service.MultiService):
 
     @defer.inlineCallbacks
     def _start(self):
-        if self.config.mode == "server":
+        if not self._client_mode:
             from .server import MessagingServerFactory
             from .web import make_site
             start_lattice = getattr(self.lattice, "start", None)
@@ -225,7 +224,7 @@ class WebSocketMessagingProvider(service.MultiService):
         return self.consumer_links.pop(component_id, None) is not None
 
     def _client_links(self):
-        return self.ws if self.config.mode == "client" and self.ws is not None else None
+        return self.ws if self._client_mode and self.ws is not None else None
 
     @defer.inlineCallbacks
     def receive_link_config_as_source(self, component_id: str, config: Mapping | None = None, handler=None):
@@ -243,7 +242,7 @@ class WebSocketMessagingProvider(service.MultiService):
                                  "first or pass handler=", code="unknown_component")
         if component_id in self.handler_links:
             yield self.delete_link_as_source(component_id)
-        if self.config.mode == "client":
+        if self._client_mode:
             if self.ws is not None:
                 self.ws.attach(client_owner("source", component_id), link_config)
             self._source_configs[component_id] = link_config
@@ -280,7 +279,7 @@ class WebSocketMessagingProvider(service.MultiService):
     def request(self, subject: str, body: bytes, timeout_ms: int, component_id: str | None = None):
         if self.ws is None:
             return defer.fail(NotConnected("the provider is not started"))
-        if component_id is not None and self.config.mode == "client":
+        if component_id is not None and self._client_mode:
             return self.ws.request(subject, body, timeout_ms, component_id)
         return self.ws.request(subject, body, timeout_ms)
 
