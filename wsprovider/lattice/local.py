@@ -77,6 +77,9 @@ class LocalLattice:
         self.strict = strict
         self._exact: dict[str, list[LocalSubscription]] = {}
         self._wild: list[LocalSubscription] = []
+        # "<literal prefix>.>" patterns (every session's "<address>.>"), by prefix, so that
+        # matching costs a few dict lookups instead of a scan over all sessions.
+        self._tails: dict[str, list[LocalSubscription]] = {}
         self._cache: dict[str, tuple] = {}
         self._inbox_prefix = f"{inbox_prefix}.{secrets.token_hex(8)}."
         self._inbox_ids = itertools.count(1)
@@ -91,7 +94,11 @@ class LocalLattice:
         check_pattern(pattern)
         sub = LocalSubscription(self, pattern, callback, queue)
         if is_wildcard(pattern):
-            self._wild.append(sub)
+            prefix = _tail_prefix(pattern)
+            if prefix is not None:
+                self._tails.setdefault(prefix, []).append(sub)
+            else:
+                self._wild.append(sub)
         else:
             self._exact.setdefault(pattern, []).append(sub)
         self._cache.clear()
@@ -99,10 +106,14 @@ class LocalLattice:
 
     def _remove(self, sub):
         if is_wildcard(sub.pattern):
-            try:
-                self._wild.remove(sub)
-            except ValueError:
-                pass
+            prefix = _tail_prefix(sub.pattern)
+            if prefix is not None:
+                _discard(self._tails, prefix, sub)
+            else:
+                try:
+                    self._wild.remove(sub)
+                except ValueError:
+                    pass
         else:
             subs = self._exact.get(sub.pattern)
             if subs is not None:
@@ -119,6 +130,14 @@ class LocalLattice:
         if found is not None:
             return found
         result = list(self._exact.get(subject, ()))
+        tails = self._tails
+        if tails:
+            i = subject.find(".")
+            while i != -1:
+                subs = tails.get(subject[:i])
+                if subs:
+                    result.extend(subs)
+                i = subject.find(".", i + 1)
         if self._wild:
             private = subject[0] in "_$"
             for sub in self._wild:
@@ -284,6 +303,26 @@ class LocalLattice:
             p.deferred.errback(NotConnected("the lattice was shut down before a reply arrived"))
         self.connected = False
         return defer.succeed(None)
+
+
+def _tail_prefix(pattern: str):
+    """``"a.b"`` for ``"a.b.>"`` (a literal prefix and a final ``>``), else None."""
+    if pattern.endswith(".>"):
+        prefix = pattern[:-2]
+        if not is_wildcard(prefix):
+            return prefix
+    return None
+
+
+def _discard(index: dict, key: str, sub) -> None:
+    subs = index.get(key)
+    if subs is not None:
+        try:
+            subs.remove(sub)
+        except ValueError:
+            pass
+        if not subs:
+            del index[key]
 
 
 def _none(_):
