@@ -164,17 +164,20 @@ def loadgen(server, mode, *args, on_result=None, timeout=120):
             proc.wait()
     if result is None:
         raise RuntimeError(f"loadgen {mode} against {server.name} failed: {proc.stderr.read()[-2000:]}")
+    time.sleep(0.2)  # let the server finish closing before the next measurement
     return result
 
 
 # -- workloads --------------------------------------------------------------------------
 
-def w1_echo(server, p, record):
-    for clients in p.clients:
-        r = loadgen(server, "echo", clients, p.window, p.warmup, p.duration, ECHO_MSG)
-        if r.get("error_frames"):
-            raise RuntimeError(f"{server.name}: echo replies contained error frames")
-        record("W1", f"echo {clients} clients", server.name, r["rate"], "msgs/s", r)
+def w1_echo(server, p, record, clients):
+    r = loadgen(server, "echo", clients, p.window, p.warmup, p.duration, ECHO_MSG)
+    if r.get("error_frames"):
+        raise RuntimeError(f"{server.name}: echo replies contained error frames")
+    record("W1", f"echo {clients} clients", server.name, r["rate"], "msgs/s", r)
+    if r.get("server_cpu"):
+        record("W1", f"echo {clients} clients per server core-second", server.name,
+               r["rate"] / r["server_cpu"], "msgs/s", r)
 
 
 def w2_latency(server, p, record):
@@ -186,6 +189,9 @@ def w2_latency(server, p, record):
 def w3_broadcast(server, p, record):
     r = loadgen(server, "broadcast", p.broadcast_clients, 8, p.warmup, p.duration, TRIGGER)
     record("W3", f"broadcast to {p.broadcast_clients}", server.name, r["rate"], "deliveries/s", r)
+    if r.get("server_cpu"):
+        record("W3", f"broadcast to {p.broadcast_clients} per server core-second", server.name,
+               r["rate"] / r["server_cpu"], "deliveries/s", r)
 
 
 def w4_idle(name, p, record):
@@ -247,15 +253,13 @@ def table(results, order):
                 cell += f" ±{spread / 2:.0f}%"
             line.append(cell)
         ours = per_server.get("wsprovider")
-        if ours and ref_med:
-            line.append(f"{statistics.median(v for v, _ in ours) / ref_med:.2f}x")
-        else:
-            line.append("-")
+        paired = ratio(results, (wl, metric))
+        line.append(f"{paired:.2f}x" if paired is not None else "-")
         srv = [r.get("server_cpu") for v, r in ours or () if r.get("server_cpu") is not None]
         gen = [r.get("gen_cpu") for v, r in ours or () if r.get("gen_cpu") is not None]
         line.append(f"{statistics.median(srv) * 100:.0f}%/{statistics.median(gen) * 100:.0f}%" if srv and gen else "-")
         rows.append(line)
-    head = ["wl", "metric", "unit"] + order + ["ours/ws", "cpu srv/gen"]
+    head = ["wl", "metric", "unit"] + order + ["ours/ws*", "cpu srv/gen"]
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
            for r in [head] + rows]
@@ -263,11 +267,13 @@ def table(results, order):
     return "\n".join(out)
 
 
-def ratio(results, key, agg=statistics.median):
+def ratio(results, key):
+    """Median over rounds of (ours / websockets) measured back to back in the same round."""
     per = results.get(key)
     if not per or not per.get("wsprovider") or not per.get("websockets"):
         return None
-    return agg(v for v, _ in per["wsprovider"]) / agg(v for v, _ in per["websockets"])
+    pairs = [a / b for (a, _), (b, _) in zip(per["wsprovider"], per["websockets"]) if b]
+    return statistics.median(pairs) if pairs else None
 
 
 def main():
@@ -310,20 +316,30 @@ def main():
         per.setdefault(server, []).append((value, raw))
 
     for rnd in range(p.rounds):
-        order = names if rnd % 2 == 0 else list(reversed(names))
-        for name in order:
-            if not only & {"W1", "W2", "W3"}:
-                break
-            server = Server(name)
-            try:
-                if "W1" in only:
-                    w1_echo(server, p, record)
-                if "W2" in only and name != "node-ws":
-                    w2_latency(server, p, record)
-                if "W3" in only and (name != "node-ws" or not quick):
-                    w3_broadcast(server, p, record)
-            finally:
+        # All servers of the round run side by side (idle ones sleep on core 0) and every
+        # item is measured on each server back to back, in alternating order, so that
+        # drift on the machine hits them alike.
+        steps = []
+        if "W1" in only:
+            steps += [(f"W1-{c}", lambda srv, c=c: w1_echo(srv, p, record, c), True) for c in p.clients]
+        if "W2" in only:
+            steps.append(("W2", lambda srv: w2_latency(srv, p, record), False))
+        if "W3" in only:
+            steps.append(("W3", lambda srv: w3_broadcast(srv, p, record), not quick))
+        servers = {}
+        try:
+            if steps:
+                for name in names:
+                    servers[name] = Server(name)
+            for i, (_, step, with_node) in enumerate(steps):
+                order = names if (rnd + i) % 2 == 0 else list(reversed(names))
+                for name in order:
+                    if name != "node-ws" or with_node:
+                        step(servers[name])
+        finally:
+            for server in servers.values():
                 server.stop()
+        order = names if rnd % 2 == 0 else list(reversed(names))
         if "W4" in only:
             for name in order:
                 if name in ("wsprovider", "websockets") or (name == "autobahn" and not quick):
@@ -336,7 +352,8 @@ def main():
     print()
     print(f"wsprovider benchmarks: {p.rounds} round(s), {p.duration:.0f}s per throughput run, "
           f"server on core {SERVER_CORE}, generator (Node ws) on core {GEN_CORE}; "
-          f"median ±half-spread; cpu = wsprovider server / generator, 100% = one core")
+          f"median ±half-spread over rounds; *ours/ws = median of per-round ratios (measured back to back); "
+          f"cpu = wsprovider server / generator, 100% = one core")
     print(table(results, order))
     for n in notes:
         print(n)

@@ -81,6 +81,22 @@ function sleep(s) {
   return new Promise((r) => setTimeout(r, s * 1000));
 }
 
+// Close handshakes (so that servers do not log dropped connections), bounded by 3 s.
+function closeAll(socks) {
+  const open = socks.filter((ws) => ws && ws.readyState !== WebSocket.CLOSED);
+  let left = open.length;
+  if (!left) return Promise.resolve();
+  return Promise.race([
+    new Promise((r) => {
+      for (const ws of open) {
+        ws.once('close', () => { if (--left === 0) r(); });
+        ws.close(1000);
+      }
+    }),
+    sleep(3),
+  ]).then(() => { for (const ws of open) ws.terminate(); });
+}
+
 async function echo(url, clients, window, warmup, duration, message, welcome) {
   const payload = Buffer.from(message);
   const { socks, opened, failed, errors } = await openMany(url, clients, 100, welcome);
@@ -102,7 +118,7 @@ async function echo(url, clients, window, warmup, duration, message, welcome) {
   running = false;
   emit({ workload: 'echo', clients: opened, window, msgs: r1 - r0, seconds: t1 - t0,
          rate: (r1 - r0) / (t1 - t0), gen_cpu: (c1 - c0) / (t1 - t0), error_frames: errorsSeen });
-  for (const ws of socks) ws.terminate();
+  await closeAll(socks);
 }
 
 async function latency(url, count, warmup, message, welcome) {
@@ -131,7 +147,7 @@ async function latency(url, count, warmup, message, welcome) {
   emit({ workload: 'latency', count, p50_us: q(0.5), p90_us: q(0.9), p99_us: q(0.99),
          mean_us: sorted.reduce((a, b) => a + b, 0) / sorted.length,
          seconds: t1 - t0, gen_cpu: (c1 - c0) / (t1 - t0) });
-  ws.terminate();
+  await closeAll([ws]);
 }
 
 async function broadcast(url, clients, window, warmup, duration, trigger, welcome) {
@@ -162,7 +178,7 @@ async function broadcast(url, clients, window, warmup, duration, trigger, welcom
   running = false;
   emit({ workload: 'broadcast', clients, window, deliveries: d1 - d0, seconds: t1 - t0,
          rate: (d1 - d0) / (t1 - t0), broadcasts_sent: sent, gen_cpu: (c1 - c0) / (t1 - t0) });
-  for (const ws of socks) ws.terminate();
+  await closeAll(socks);
 }
 
 async function connect(url, count, concurrency, hold, welcome) {
@@ -175,7 +191,7 @@ async function connect(url, count, concurrency, hold, welcome) {
   // Hold the idle connections until run.py has measured the server (stdin closes) or
   // until the hold time is over, whichever comes first.
   await Promise.race([sleep(hold), new Promise((r) => { process.stdin.on('end', r); process.stdin.on('close', r); process.stdin.resume(); })]);
-  for (const ws of socks) if (ws) ws.terminate();
+  await closeAll(socks);
 }
 
 async function main() {
