@@ -26,7 +26,7 @@ from zope.interface import implementer
 from . import envelope
 from ._fastframes import FastFramesMixin
 from .auth import Authenticator, AuthError
-from .interfaces import IMessagingConsumer, IPushProducer, ISessionRegistry
+from .interfaces import IMessagingConsumer, IPushProducer, ISessionRegistry, ISubscription
 from .message import BrokerMessage, MessagingError, NotConnected, PermissionDenied
 from .ratelimit import SessionRateLimiter
 from .subjects import matches
@@ -171,11 +171,15 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
             pass
         self.transport.registerProducer(self, True)
         factory._session_opened(self)
-        d = defer.gatherResults([
+        pending = [
             factory.lattice.subscribe(self.address, self.deliver),
             factory.lattice.subscribe(self.address + ".>", self.deliver),
-        ], consumeErrors=True)
-        d.addCallbacks(self._addressable, self._not_addressable)
+        ]
+        if all(d.called and not d.paused and ISubscription.providedBy(d.result) for d in pending):
+            self._addressable([d.result for d in pending])  # the local lattice: no DeferredList
+        else:
+            d = defer.gatherResults(pending, consumeErrors=True)
+            d.addCallbacks(self._addressable, self._not_addressable)
         if factory.draining:
             self.close_session(CLOSE_GOING_AWAY, "the service is shutting down")
 
