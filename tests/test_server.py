@@ -436,3 +436,33 @@ class OutboundLimitTests(unittest.TestCase):
         yield provider.send_to_session(peer.session_id, BrokerMessage("small", b"ok"))
         self.assertEqual((yield peer.recv_json())["body"], "ok")
         yield peer.close()
+
+
+class IdleTimeoutTests(unittest.TestCase):
+    """Server pings; a peer that stops answering is dropped, one that answers stays."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_unresponsive_peer_is_dropped(self):
+        provider = yield start_provider(self, {"PING_INTERVAL_SEC": "1", "PING_TIMEOUT_SEC": "2"})
+        closed = defer.Deferred()
+
+        class Watch:
+            def session_opened(self, session):
+                pass
+
+            def session_closed(self, session, code, reason):
+                if not closed.called:
+                    closed.callback((session.session_id, code))
+
+        provider.ws.add_observer(Watch())
+        lively = yield WebsocketsPeer.connect(ws_url(provider))  # answers pings by itself
+        silent = yield AutobahnPeer.connect(ws_url(provider))
+        silent.protocol.transport.pauseProducing()  # reads nothing more, so never pongs
+        session_id, code = yield closed
+        self.assertEqual((session_id, code), (silent.session_id, 1006))
+        self.assertEqual([s["session_id"] for s in provider.list_sessions()], [lively.session_id])
+        silent.protocol.transport.resumeProducing()
+        yield silent.factory.closed
+        yield lively.close()

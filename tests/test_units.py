@@ -122,6 +122,8 @@ class ConfigTests(unittest.TestCase):
             "ENABLE_SESSION_TRACKING": ("maybe", "accepted values: true, false"),
             "MAX_MESSAGE_SIZE": ("1", "out of range"),
             "PUBLISH_ALLOW": ("a..b", "empty token"),
+            "PING_INTERVAL_SEC": ("0.5", "accepted values: 0 (off) or 1 to 3600"),
+            "PING_TIMEOUT_SEC": ("0.5", "out of range"),
         }
         for key, (value, expected) in cases.items():
             with self.assertRaises(ConfigError) as cm:

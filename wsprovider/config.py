@@ -183,9 +183,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Per-session bound on bytes waiting to be written; over it the session is closed "
             "with 4008 (slow consumer)."),
     Setting("PING_INTERVAL_SEC", 25.0, number(0, 3600),
-            "Server pings each idle session this often (0: off)."),
-    Setting("PING_TIMEOUT_SEC", 20.0, number(0.1, 3600),
-            "A session that does not answer a ping within this time is dropped."),
+            "Server pings each idle session this often (0: off; otherwise at least 1: Autobahn's "
+            "timers have one-second granularity)."),
+    Setting("PING_TIMEOUT_SEC", 20.0, number(2, 3600),
+            "A session that does not answer a ping within this time is dropped (at least 2: Autobahn "
+            "rounds its timers down to whole seconds, so the wait is between this minus 1 and this)."),
     Setting("REQUEST_TIMEOUT_MS", 5000, integer(1, 3_600_000),
             "Timeout of a peer's request frame that does not set timeout_ms."),
     Setting("MAX_REQUEST_TIMEOUT_MS", 60000, integer(1, 3_600_000),
@@ -377,6 +379,9 @@ class ProviderConfig:
             uri = self.uri
             if uri and not (uri.startswith("ws://") or uri.startswith("wss://")):
                 raise ConfigError(f"URI: {uri!r} is not a WebSocket URL; in client mode accepted values: ws://host:port/path or wss://...")
+        if 0 < self.ping_interval_sec < 1:
+            raise ConfigError(f"PING_INTERVAL_SEC: {self.ping_interval_sec:g} is out of range; accepted values: 0 (off) "
+                              "or 1 to 3600 (Autobahn's timers have one-second granularity)")
         if self.ping_interval_sec and self.ping_timeout_sec > self.ping_interval_sec * 10:
             raise ConfigError("PING_TIMEOUT_SEC: must not exceed 10 x PING_INTERVAL_SEC")
 
