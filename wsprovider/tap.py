@@ -89,6 +89,8 @@ def _flagged(message: str) -> str:
 
 
 def makeService(options) -> WebSocketMessagingProvider:
+    from .tuning import tune_gc
+    tune_gc()  # this process runs the service: fewer cyclic-GC passes (see wsprovider/tuning.py)
     config = options["config"]
     provider = WebSocketMessagingProvider(config)
     for index, (spec, handler) in enumerate(options["handler_objects"]):

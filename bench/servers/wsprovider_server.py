@@ -49,6 +49,8 @@ def main(port, nats_url=None):
                                            handler=Broadcaster(provider))
 
     def ready(p):
+        from wsprovider.tuning import tune_gc
+        tune_gc()  # as the twistd plugin does (wsprovider.tap.makeService)
         print("READY", p.port, flush=True)
 
     def failed(f):
