@@ -115,14 +115,7 @@ class LocalLattice:
                 except ValueError:
                     pass
         else:
-            subs = self._exact.get(sub.pattern)
-            if subs is not None:
-                try:
-                    subs.remove(sub)
-                except ValueError:
-                    pass
-                if not subs:
-                    del self._exact[sub.pattern]
+            _discard(self._exact, sub.pattern, sub)
         self._cache.clear()
 
     def _match(self, subject: str) -> tuple:
