@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import envelope, raw
+from ._defer import mirror
 from ._version import __version__
 from .config import ConfigError
 from .interfaces import IMessagingConsumer, ISessionRegistry
@@ -389,7 +390,7 @@ class ClientLink:
     def stop(self, reason="the link was deleted"):
         """Close the connection and stop reconnecting. Deferred firing when it is closed."""
         if self._stopped is not None:
-            return _relay(self._stopped)
+            return mirror(self._stopped)
         self._stopping = True
         for sub in self._subs:
             sub.unsubscribe()
@@ -402,7 +403,7 @@ class ClientLink:
         else:
             closed = defer.succeed(None)
         self._stopped = closed.addCallback(lambda _: self.service.stopService()).addCallback(self._finished, reason)
-        return _relay(self._stopped)
+        return mirror(self._stopped)
 
     def when_connected(self):
         """Deferred firing with this link once it is connected (at once if it is); fails with
@@ -1039,7 +1040,7 @@ class ClientLinks:
 
     def when_started(self, link):
         d = self._starting.get(link.link_id)
-        return defer.succeed(link) if d is None else _relay(d)
+        return defer.succeed(link) if d is None else mirror(d)
 
     def stop(self):
         self._stopped = True
@@ -1178,16 +1179,3 @@ class ClientLinks:
         link = self.links.get(session_id)
         return defer.succeed(link.drop(code, reason) if link is not None else False)
 
-
-def _relay(d):
-    out = defer.Deferred()
-
-    def relay(result):
-        if isinstance(result, Failure):
-            out.errback(result)
-        else:
-            out.callback(result)
-        return result
-
-    d.addBoth(relay)
-    return out

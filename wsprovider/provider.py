@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._defer import mirror
 from .config import ConfigError, ProviderConfig
 from .endpoints import server_endpoint_description
 from .interfaces import IMessageHandler, IMessagingConsumer
@@ -116,17 +117,7 @@ class WebSocketMessagingProvider(service.MultiService):
         """Deferred firing when the service listens (server) or has started its links (client)."""
         if self._ready is None:
             return defer.fail(MessagingError("the provider is not started; call startService() first"))
-        d = defer.Deferred()
-
-        def relay(result):
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-            return result
-
-        self._ready.addBoth(relay)
-        return d
+        return mirror(self._ready)
 
     def start_server_if_needed(self):
         """Seed name: start the service if it is not running. Deferred firing when ready."""
