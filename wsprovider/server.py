@@ -84,6 +84,7 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
     _counted = False          # counts toward MAX_CONNECTIONS
     _refusal = None           # why the handshake is being refused (metrics)
     _expiry_call = None
+    _cleaned_up = False       # onClose released the session's subscriptions and owed replies
 
     # -- handshake ----------------------------------------------------------------------
 
@@ -375,7 +376,7 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
 
     def deliver(self, msg: BrokerMessage):
         """Lattice callback: a message for this session."""
-        if not self._open:
+        if not self._open or self.state != self.STATE_OPEN:  # closed, or our close frame is out
             raise NotConnected(f"session {self.session_id} is closed")
         reply_to = msg.reply_to
         if reply_to is not None and not reply_to.startswith(self.address):
@@ -410,7 +411,7 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
 
     def send_payload(self, payload: bytes) -> bool:
         """Send one encoded frame, or queue it while the transport is full."""
-        if not self._open:
+        if not self._open or self.state != self.STATE_OPEN:  # no data frame after a close frame
             return False
         stats = self.factory.stats
         stats.messages_out += 1
@@ -421,7 +422,7 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         return self._enqueue(payload, len(payload))
 
     def send_prepared(self, prepared, size: int) -> bool:
-        if not self._open:
+        if not self._open or self.state != self.STATE_OPEN:
             return False
         stats = self.factory.stats
         stats.messages_out += 1
@@ -467,7 +468,7 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
     def resumeProducing(self):
         queue = self._queue
         self._queue = None
-        if not queue or not self._open:
+        if not queue or not self._open or self.state != self.STATE_OPEN:
             self._queued_bytes = 0
             return
         binary = self._binary
@@ -511,11 +512,11 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         if getattr(self, "closedByMe", False) and getattr(self, "localCloseCode", None):
             code = self.localCloseCode  # report why *we* closed, not the peer's echo
             reason = (self.localCloseReason or b"").decode("utf-8", "replace")
-        was_open = self.session_id is not None and self.connected_at is not None and (
-            self._open or self.factory.sessions.get(self.session_id) is self)
+        was_open = self.session_id is not None and self.connected_at is not None and not self._cleaned_up
         self._open = False
         if not was_open:
             return
+        self._cleaned_up = True
         factory = self.factory
         for sub in getattr(self, "_address_subs", ()):
             sub.unsubscribe()
