@@ -355,7 +355,8 @@ class NatsClient(Service):
     def _absorb_info(self, protocol, info):
         self.server_info = info
         self._max_payload = info.get("max_payload", DEFAULT_MAX_PAYLOAD)
-        added = self.pool.learn(info.get("connect_urls"), tls=protocol.server.tls)
+        added = self.pool.learn(info.get("connect_urls"), tls=protocol.server.tls,
+                                via=protocol.server)
         for server in added:
             self._log.info("NATS learned server {url}", url=server.url)
 

@@ -67,13 +67,19 @@ class ServerPool:
         self._next = (self._next + 1) % len(self.servers)
         return server
 
-    def learn(self, connect_urls, tls: bool) -> list:
-        """Add servers the cluster advertises that we do not know yet; return the new ones."""
+    def learn(self, connect_urls, tls: bool, via: ServerAddress | None = None) -> list:
+        """Add servers the cluster advertises that we do not know yet; return the new ones.
+
+        Advertised URLs carry no credentials: those of ``via`` (the server that advertised
+        them, e.g. ``nats://user:pass@host``) are used for them, as for ``via`` itself.
+        """
         known = {server.netloc for server in self.servers}
         added = []
         for url in connect_urls or ():
             server = ServerAddress.parse(url if "://" in url else ("tls://" if tls else "nats://") + url,
                                          discovered=True)
+            if via is not None and server.user is None and server.token is None:
+                server = attrs.evolve(server, user=via.user, password=via.password, token=via.token)
             if server.netloc not in known:
                 known.add(server.netloc)
                 added.append(server)
