@@ -85,3 +85,17 @@ class ReviewServerTests(unittest.TestCase):
         self.assertFalse(lattice.has_subscribers(slow.address))
         self.assertFalse(lattice.has_subscribers(slow.address + ".r1"))
         self.assertEqual(provider.ws.stats.sessions_closed, 1)
+
+    @defer.inlineCallbacks
+    def test_no_owed_reply_for_a_message_that_was_not_delivered(self):
+        """A message too large for the session is not delivered, so its reply_to grants nothing."""
+        provider = yield start_provider(self, {"MAX_MESSAGE_SIZE": "1024", "PUBLISH_DENY": "svc.>"},
+                                        handlers=[("echo", echo, {"SUBSCRIPTIONS": "svc.>"})])
+        peer = yield self.raw_peer(provider)
+        with self.assertRaises(MessagingError) as cm:
+            yield provider.publish(BrokerMessage(peer.welcome["reply_to"], b"x" * 2000, "svc.answer"))
+        self.assertEqual(cm.exception.code, "too_large")
+        peer.transport.write(frame(json.dumps({"subject": "svc.answer", "body": "sneak", "id": 1}).encode()))
+        (_, payload), = (yield peer.wait_frames(2))[1:]
+        answer = json.loads(payload)
+        self.assertEqual((answer["type"], answer.get("code")), ("error", "permission_denied"))

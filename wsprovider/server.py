@@ -378,15 +378,15 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         """Lattice callback: a message for this session."""
         if not self._open or self.state != self.STATE_OPEN:  # closed, or our close frame is out
             raise NotConnected(f"session {self.session_id} is closed")
+        payload = self.codec.message(msg)
+        if len(payload) > self.maxMessagePayloadSize > 0:
+            raise self._too_large(msg, len(payload))
         reply_to = msg.reply_to
         if reply_to is not None and not reply_to.startswith(self.address):
             owed = self._owed
             if len(owed) >= _MAX_OWED_REPLIES:
                 self._trim_owed()
             owed[reply_to] = time.monotonic() + self.factory.config.max_request_timeout_ms / 1000.0
-        payload = self.codec.message(msg)
-        if len(payload) > self.maxMessagePayloadSize > 0:
-            raise self._too_large(msg, len(payload))
         self.send_payload(payload)
 
     def _too_large(self, msg, size) -> MessagingError:
