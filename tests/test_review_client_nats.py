@@ -1,12 +1,13 @@
 """Review findings: client-mode links and the NATS client, each shown by a failing test first."""
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from tests.natsserver import start_cluster
 from tests.test_nats_client import Collector
 from tests.test_nats_reconnect import FAST_RECONNECT, wait_for_state
-from wsprovider.nats import State, connect
+from wsprovider.nats import NatsClient, State, connect
+from wsprovider.nats import client as nats_client_module
 
 
 class UrlCredentialsFailoverTests(unittest.TestCase):
@@ -26,3 +27,61 @@ class UrlCredentialsFailoverTests(unittest.TestCase):
         yield wait_for_state(client, State.RECONNECTING)
         yield wait_for_state(client, State.CONNECTED, timeout=10)
         self.assertEqual(client.connected_server.port, servers[1].port)
+
+
+class _FlappingNatsServer(protocol.Protocol):
+    """Completes the NATS handshake (INFO, PONG to the first PING), then hangs up at once."""
+
+    def connectionMade(self):
+        self.factory.connections += 1
+        self.transport.write(b'INFO {"server_id":"flap","max_payload":1048576,"headers":true}\r\n')
+
+    def dataReceived(self, data):
+        if b"PING\r\n" in data:
+            self.transport.write(b"PONG\r\n")
+            self.transport.loseConnection()
+
+
+class ReconnectStormTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_connections_dropped_right_after_the_handshake_back_off(self):
+        # A server that accepts CONNECT and then drops the connection every time must not be
+        # hammered every few milliseconds forever: the backoff has to grow between such drops.
+        factory = protocol.Factory.forProtocol(_FlappingNatsServer)
+        factory.connections = 0
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        delays = []
+        real = nats_client_module.full_jitter_delay
+
+        def envelope(failures, base, cap, rng=None):
+            delays.append(real(failures, base, cap, _Ceiling()))
+            return delays[-1]
+
+        self.patch(nats_client_module, "full_jitter_delay", envelope)
+        client = NatsClient(f"nats://127.0.0.1:{port.getHost().port}", reconnect_base_delay=0.001,
+                            reconnect_max_delay=0.064, connect_timeout=2)
+        self.addCleanup(client.close)
+        connected = []
+        client.on_state_change(lambda old, new: connected.append(new) if new is State.CONNECTED else None)
+        client.start()
+        done = defer.Deferred()
+
+        def check(old, new):
+            if len(connected) >= 8 and not done.called:
+                done.callback(None)
+
+        client.on_state_change(check)
+        yield done.addTimeout(20, reactor)
+        self.assertGreaterEqual(factory.connections, 8)
+        # Seven drops in a row after a few ms each: the envelope must have grown to its cap.
+        self.assertEqual(max(delays), 0.064, delays)
+
+
+class _Ceiling:
+    """An rng whose uniform(a, b) is b: the top of the full-jitter envelope."""
+
+    def uniform(self, low, high):
+        return high

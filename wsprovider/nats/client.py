@@ -199,6 +199,8 @@ class NatsClient(Service):
         self._retry_call = None
         self._ping_call = None
         self._failures = 0
+        self._quick_drops = 0       # connections in a row lost soon after they were made
+        self._connected_at = None
         self._max_payload = DEFAULT_MAX_PAYLOAD
         self._pending = []
         self._pending_bytes = 0
@@ -327,6 +329,7 @@ class NatsClient(Service):
             protocol.close()
             return
         self._failures = 0
+        self._connected_at = self.reactor.seconds()
         self._protocol = protocol
         self.connected_server = protocol.server
         self._absorb_info(protocol, protocol.info)
@@ -375,9 +378,13 @@ class NatsClient(Service):
             return
         self._log.warn("NATS connection to {server} lost: {reason}", server=protocol.server.netloc,
                        reason=reason.getErrorMessage() if reason else "")
+        # A connection that dies soon after its handshake (a server or proxy that accepts
+        # CONNECT, then hangs up) counts towards the backoff, or we would hammer it forever.
+        lived = self.reactor.seconds() - (self._connected_at or 0.0)
+        self._quick_drops = self._quick_drops + 1 if lived < self.options.reconnect_max_delay else 0
         # Schedule before announcing: a state listener may close the client right away.
         self._retry_call = self.reactor.callLater(
-            full_jitter_delay(0, self.options.reconnect_base_delay,
+            full_jitter_delay(max(self._quick_drops - 1, 0), self.options.reconnect_base_delay,
                               self.options.reconnect_max_delay), self._attempt)
         self._set_state(State.RECONNECTING)
 
