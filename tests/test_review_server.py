@@ -99,3 +99,14 @@ class ReviewServerTests(unittest.TestCase):
         (_, payload), = (yield peer.wait_frames(2))[1:]
         answer = json.loads(payload)
         self.assertEqual((answer["type"], answer.get("code")), ("error", "permission_denied"))
+
+    @defer.inlineCallbacks
+    def test_deeply_nested_json_is_bad_json_and_the_session_survives(self):
+        provider = yield start_provider(self, handlers=[("echo", echo, {"SUBSCRIPTIONS": "echo.>"})])
+        peer = yield self.raw_peer(provider)
+        nested = b'{"subject":"echo.x","body":' + b"[" * 30000 + b"]" * 30000 + b"}"
+        peer.transport.write(frame(nested) + frame(json.dumps({"subject": "echo.x", "body": "after"}).encode()))
+        got = yield peer.wait_frames(3)
+        error, echoed = (json.loads(p) for _, p in got[1:])
+        self.assertEqual((error["type"], error["code"]), ("error", "bad_json"))
+        self.assertEqual(echoed["body"], "after")

@@ -226,7 +226,7 @@ class JsonCodec(_Codec):
             try:
                 text = payload.decode("utf-8")
                 obj, end = _scan_once(text, 0)
-            except (ValueError, StopIteration):
+            except (ValueError, StopIteration, RecursionError):
                 pass
             else:
                 if end == len(text) or not text[end:].strip(" \t\n\r"):
@@ -235,6 +235,8 @@ class JsonCodec(_Codec):
             return json.loads(payload)
         except ValueError as e:
             raise FrameError(f"frame is not valid JSON: {e}", code=BAD_JSON) from None
+        except RecursionError:  # nesting deeper than the decoder can follow
+            raise FrameError("frame is not usable JSON: nested too deeply", code=BAD_JSON) from None
 
     def message(self, msg: BrokerMessage, kind: str = MESSAGE, frame_id=None) -> bytes:
         # Same bytes as the generic encoder, without building a dict and walking it.
