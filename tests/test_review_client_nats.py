@@ -1,12 +1,14 @@
 """Review findings: client-mode links and the NATS client, each shown by a failing test first."""
 
+import gc
+
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from tests.natsserver import start_cluster
 from tests.test_nats_client import Collector
 from tests.test_nats_reconnect import FAST_RECONNECT, wait_for_state
-from wsprovider.nats import NatsClient, State, connect
+from wsprovider.nats import ConnectionClosedError, NatsClient, State, connect
 from wsprovider.nats import client as nats_client_module
 
 
@@ -85,3 +87,30 @@ class _Ceiling:
 
     def uniform(self, low, high):
         return high
+
+
+class _SilentServer(protocol.Protocol):
+    """Accepts TCP and never says anything (no INFO)."""
+
+    def connectionMade(self):
+        self.factory.connected.callback(None)
+
+
+class ServiceLifecycleTests(unittest.TestCase):
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def test_stop_service_before_the_first_connection_logs_no_unhandled_error(self):
+        # startService() starts connecting and drops start()'s Deferred: stopping the
+        # service before the first connection must not leave an unhandled ConnectionClosedError.
+        factory = protocol.Factory.forProtocol(_SilentServer)
+        factory.connected = defer.Deferred()
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = NatsClient(f"nats://127.0.0.1:{port.getHost().port}", connect_timeout=5)
+        client.startService()
+        yield factory.connected
+        yield client.stopService()
+        self.assertEqual(client.state, State.CLOSED)
+        gc.collect()  # an unhandled failure is logged when its Deferred is collected
+        self.assertEqual(self.flushLoggedErrors(ConnectionClosedError), [])

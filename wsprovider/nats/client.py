@@ -229,7 +229,9 @@ class NatsClient(Service):
 
     def startService(self):
         Service.startService(self)
-        self.start()
+        # Nobody waits for this first connection: closing (or giving up, which is logged)
+        # before it must not leave an unhandled failure behind.
+        self.start().addErrback(lambda _failure: None)
 
     def stopService(self):
         Service.stopService(self)
