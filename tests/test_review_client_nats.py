@@ -1,14 +1,15 @@
 """Review findings: client-mode links and the NATS client, each shown by a failing test first."""
 
 import gc
+import signal
 
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
-from tests.natsserver import start_cluster
+from tests.natsserver import NatsServer, start_cluster
 from tests.test_nats_client import Collector
 from tests.test_nats_reconnect import FAST_RECONNECT, wait_for_state
-from wsprovider.nats import ConnectionClosedError, NatsClient, State, connect
+from wsprovider.nats import ConnectionClosedError, NatsClient, StaleConnectionError, State, connect
 from wsprovider.nats import client as nats_client_module
 
 
@@ -114,3 +115,41 @@ class ServiceLifecycleTests(unittest.TestCase):
         self.assertEqual(client.state, State.CLOSED)
         gc.collect()  # an unhandled failure is logged when its Deferred is collected
         self.assertEqual(self.flushLoggedErrors(ConnectionClosedError), [])
+
+
+class InFlightPublishTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_publish_not_yet_written_when_the_connection_is_dropped_is_sent_after_reconnect(self):
+        # publish() succeeded ("handed to the connection"), but the connection was dropped
+        # before the write went out (here: the stale-connection check, in the same turn).
+        # Nothing reached the socket, so the message must go out after the reconnect rather
+        # than vanish silently.
+        server = NatsServer(self)
+        yield server.start()
+        client = yield connect(server.url, ping_interval=0.05, max_outstanding_pings=1,
+                               **FAST_RECONNECT)
+        self.addCleanup(client.close)
+        watcher = yield connect(server.url)
+        self.addCleanup(watcher.close)
+        collector = Collector()
+        yield watcher.subscribe("inflight", collector)
+        yield watcher.flush()
+        published = []
+
+        def on_error(error):
+            if isinstance(error, StaleConnectionError) and not published:
+                published.append(client.publish("inflight", b"queued as the connection dies"))
+
+        client.on_error(on_error)
+        server.process.signalProcess(signal.SIGSTOP)
+        try:
+            yield wait_for_state(client, State.RECONNECTING)
+        finally:
+            server.process.signalProcess(signal.SIGCONT)
+        self.assertTrue(published[0].called)
+        self.assertIsNone(published[0].result)
+        yield wait_for_state(client, State.CONNECTED)
+        [msg] = yield collector.wait(timeout=10)
+        self.assertEqual(msg.data, b"queued as the connection dies")

@@ -365,7 +365,7 @@ class NatsClient(Service):
         for server in added:
             self._log.info("NATS learned server {url}", url=server.url)
 
-    def connection_lost(self, protocol, reason):
+    def connection_lost(self, protocol, reason, unsent=()):
         if protocol is not self._protocol:
             return
         self._protocol = None
@@ -378,6 +378,9 @@ class NatsClient(Service):
         if not self.options.allow_reconnect:
             self._shut_down(ConnectionClosedError("connection to NATS lost; reconnect disabled"))
             return
+        if unsent:  # accepted before anything buffered now, so they go out first
+            self._pending[:0] = unsent
+            self._pending_bytes += sum(len(data) for data in unsent)
         self._log.warn("NATS connection to {server} lost: {reason}", server=protocol.server.netloc,
                        reason=reason.getErrorMessage() if reason else "")
         # A connection that dies soon after its handshake (a server or proxy that accepts

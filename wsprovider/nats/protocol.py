@@ -208,6 +208,9 @@ class NatsProtocol(Protocol):
         if self._flush_call is not None:
             self._flush_call.cancel()
             self._flush_call = None
+        # Publishes queued but never handed to the transport did not reach the server:
+        # the client sends them again after reconnecting instead of losing them silently.
+        unsent = [data for data in self._outgoing if data.startswith((b"PUB ", b"HPUB "))]
         self._outgoing.clear()
         why = reason.getErrorMessage() if reason is not None else "unknown reason"
         lost = ConnectionClosedError(f"connection to NATS server {self.server.netloc} lost: {why}")
@@ -217,7 +220,7 @@ class NatsProtocol(Protocol):
             if waiter is not None:
                 waiter.errback(lost)
         if self.is_ready:
-            self.client.connection_lost(self, reason)
+            self.client.connection_lost(self, reason, unsent)
         if self.on_lost is not None:
             self.on_lost()
 
