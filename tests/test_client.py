@@ -5,6 +5,7 @@ Nothing sleeps to synchronise; ``wait_for`` polls a condition under a bounded de
 """
 
 import json
+import re
 import os
 import socket
 import sys
@@ -314,6 +315,23 @@ class RawModeTests(unittest.TestCase):
         texts = log.texts()
         self.assertTrue(any("HTTP 401" in t for t in texts), texts)
         self.assertTrue(any("backing off, retrying in" in t for t in texts), texts)
+
+    @defer.inlineCallbacks
+    def test_server_that_drops_every_connection_gets_backoff(self):
+        """Accepting the upgrade and hanging up at once must not reset the backoff each time."""
+        log = CaptureLog(self)
+        opened = []
+
+        async def hang_up(ws):
+            opened.append(ws)  # returning closes the connection (1000) right after the upgrade
+
+        server = yield as_deferred(_serve(hang_up, "127.0.0.1", 0))
+        self.addCleanup(lambda: as_deferred(_close(server)))
+        port = server.sockets[0].getsockname()[1]
+        yield start_client(self, f"ws://127.0.0.1:{port}/", {"WIRE_MODE": "raw"})
+        yield wait_for(lambda: len(opened) >= 4, "four short-lived connections")
+        counts = [int(m.group(1)) for m in (re.search(r"\((\d+) failed attempt", t) for t in log.texts()) if m]
+        self.assertGreaterEqual(max(counts), 3, counts)
 
     @defer.inlineCallbacks
     def test_connect_timeout_covers_the_handshake(self):

@@ -524,7 +524,9 @@ class ClientLink:
         proto.transport.registerProducer(proto, True)
         self.state = CONNECTED
         self.connects += 1
-        self.failures = 0
+        # self.failures is settled when this connection ends: one that does not stay up
+        # for RECONNECT_MAX_SEC keeps the backoff growing (a server that accepts and hangs
+        # up at once must not be hammered).
         self.attempts = 0
         self.connected_at = time.time()
         if welcome is not None:
@@ -547,11 +549,15 @@ class ClientLink:
             proto._timer.cancel()
             proto._timer = None
         if proto is self.protocol:
+            lived = time.time() - self.connected_at if self.connected_at is not None else 0.0
             self.protocol = None
             self.connected_at = None
             self._paused = False
             if self._stopping:
                 return
+            if lived >= self.config.reconnect_max_sec:
+                self.failures = 0
+            self.failures += 1
             self.last_error = proto.error or _close_text(proto, code, reason, opened=True)
             self.log.warn("client link {link} to {uri}: connection lost: {error}", link=self.link_id,
                           uri=self.target.shown, error=self.last_error)
