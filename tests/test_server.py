@@ -466,3 +466,75 @@ class IdleTimeoutTests(unittest.TestCase):
         silent.protocol.transport.resumeProducing()
         yield silent.factory.closed
         yield lively.close()
+
+
+class HeldSubscribeLattice:
+    """The embedded lattice with each peer subscription's answer held until released.
+
+    Stands in for a lattice whose subscribe takes a round trip (NATS), so that the order
+    of acknowledgements can be tested deterministically. Everything else is the real
+    ``LocalLattice``.
+    """
+
+    def __init__(self):
+        from wsprovider.lattice.local import LocalLattice
+        self._real = LocalLattice()
+        self.held = []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def subscribe(self, pattern, callback, queue=None):
+        d = self._real.subscribe(pattern, callback, queue)
+        if not pattern.startswith("room."):
+            return d
+        held = defer.Deferred()
+        self.held.append(lambda: d.chainDeferred(held))
+        return held
+
+    def release(self):
+        held, self.held = self.held, []
+        for go in held:
+            go()
+
+
+class PendingSubscribeTests(unittest.TestCase):
+    timeout = 10
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.lattice = HeldSubscribeLattice()
+        self.provider = yield start_provider(self, lattice=self.lattice)
+        self.peer = yield WebsocketsPeer.connect(ws_url(self.provider))
+        self.addCleanup(self.peer.close)
+
+    @defer.inlineCallbacks
+    def test_repeat_subscribe_is_acknowledged_only_once_live(self):
+        yield self.peer.send_json({"type": "subscribe", "subject": "room.a", "id": 1})
+        yield self.peer.send_json({"type": "subscribe", "subject": "room.a", "id": 2})
+        yield self.peer.send_json({"type": "ping", "id": "p"})
+        self.assertEqual((yield self.peer.recv_json()), {"type": "pong", "id": "p"})  # no early ack
+        self.lattice.release()
+        acks = [(yield self.peer.recv_json()), (yield self.peer.recv_json())]
+        self.assertEqual(acks, [{"type": "subscribed", "subject": "room.a", "id": 1},
+                                {"type": "subscribed", "subject": "room.a", "id": 2}])
+        yield self.provider.publish(BrokerMessage("room.a", b"once"))
+        self.assertEqual((yield self.peer.recv_json())["body"], "once")
+        yield self.peer.send_json({"type": "ping"})
+        self.assertEqual((yield self.peer.recv_json()), {"type": "pong"})  # delivered once only
+
+    @defer.inlineCallbacks
+    def test_unsubscribe_and_resubscribe_while_pending_leaves_one_subscription(self):
+        yield self.peer.send_json({"type": "subscribe", "subject": "room.b", "id": 1})
+        yield self.peer.send_json({"type": "unsubscribe", "subject": "room.b", "id": 2})
+        self.assertEqual((yield self.peer.recv_json()), {"type": "unsubscribed", "subject": "room.b", "id": 2})
+        yield self.peer.send_json({"type": "subscribe", "subject": "room.b", "id": 3})
+        yield self.peer.send_json({"type": "ping"})
+        self.assertEqual((yield self.peer.recv_json()), {"type": "pong"})
+        self.lattice.release()
+        self.assertEqual((yield self.peer.recv_json()), {"type": "subscribed", "subject": "room.b", "id": 3})
+        yield self.provider.publish(BrokerMessage("room.b", b"once"))
+        self.assertEqual((yield self.peer.recv_json())["body"], "once")
+        yield self.peer.send_json({"type": "ping"})
+        self.assertEqual((yield self.peer.recv_json()), {"type": "pong"})
+        self.assertEqual(len(self.lattice._real._match("room.b")), 1)

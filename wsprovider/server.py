@@ -153,6 +153,7 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         self.address = f"{factory.session_prefix}{self.session_id}"
         self.connected_at = time.time()
         self._subs = {}
+        self._sub_waiters = {}  # pattern -> frame ids to acknowledge once the subscription is live
         self._owed = {}
         self._queue = None
         self._queued_bytes = 0
@@ -334,7 +335,11 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
     def _subscribe(self, frame):
         pattern = frame.subject
         if pattern in self._subs:
-            self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame.frame_id))
+            waiting = self._sub_waiters.get(pattern)
+            if waiting is not None:  # still being subscribed: acknowledge once it is live
+                waiting.append(frame.frame_id)
+            else:
+                self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame.frame_id))
             return
         rule = self.subscribe_permissions.check_subscribe(pattern)
         if rule is not None:
@@ -347,18 +352,26 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
                             "unsubscribe from one first", frame.frame_id)
             return
         self._subs[pattern] = None  # reserved while the lattice subscribes
+        waiting = self._sub_waiters[pattern] = [frame.frame_id]
         d = self.factory.lattice.subscribe(pattern, self.deliver, frame.queue)
 
         def done(sub):
-            if not self._open or self._subs.get(pattern, 0) is not None:
-                sub.unsubscribe()  # closed or unsubscribed meanwhile
+            current = self._sub_waiters.get(pattern) is waiting
+            if current:
+                del self._sub_waiters[pattern]
+            if not self._open or not current:
+                sub.unsubscribe()  # closed, or unsubscribed (and maybe subscribed anew) meanwhile
                 return
             self._subs[pattern] = sub
-            self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame.frame_id))
+            for frame_id in waiting:
+                self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame_id))
 
         def failed(failure):
+            if self._sub_waiters.get(pattern) is waiting:
+                del self._sub_waiters[pattern]
             self._subs.pop(pattern, None)
-            self._publish_failed(failure, frame.frame_id, pattern)
+            for frame_id in waiting:
+                self._publish_failed(failure, frame_id, pattern)
 
         d.addCallbacks(done, failed)
 
@@ -368,6 +381,7 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
             self.send_error("not_subscribed", f"this session has no subscription to {pattern!r}", frame.frame_id)
             return
         sub = self._subs.pop(pattern)
+        self._sub_waiters.pop(pattern, None)  # a subscription still on its way is dropped when it lands
         if sub is not None:
             sub.unsubscribe()
         self.send_payload(self.codec.control("unsubscribed", subject=pattern, id=frame.frame_id))
