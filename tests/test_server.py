@@ -138,6 +138,18 @@ class ServerTestsMixin:
         yield peer.close()
 
     @defer.inlineCallbacks
+    def test_refused_answer_does_not_use_up_the_reply(self):
+        peer = yield self.connect()
+        d = self.provider.request(peer.address, b"question", 5000)
+        frame = yield peer.recv_json()
+        # An answer with a reply_to the peer may not use is refused, and the reply is still owed.
+        yield peer.send_json({"subject": frame["reply_to"], "body": "x", "reply_to": "$SYS.x"})
+        self.assertEqual((yield peer.recv_json())["code"], "permission_denied")
+        yield peer.send_json({"subject": frame["reply_to"], "body": "answer"})
+        self.assertEqual((yield d).body, b"answer")
+        yield peer.close()
+
+    @defer.inlineCallbacks
     def test_request_to_session_times_out(self):
         peer = yield self.connect()
         d = self.provider.request(peer.address, b"question", 200)

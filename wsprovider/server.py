@@ -252,9 +252,8 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         """Return the message to put on the lattice, or None after answering with an error."""
         msg = frame.message
         subject = msg.subject
-        if self._owed and subject in self._owed:
-            del self._owed[subject]  # one response per reply subject, as NATS allow_responses
-        else:
+        owed = bool(self._owed) and subject in self._owed
+        if not owed:
             rule = self.publish_permissions.check_publish(subject)
             if rule is not None:
                 self.send_error(PermissionDenied.code, f"publish to {subject!r} is not allowed ({rule})",
@@ -271,6 +270,8 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
                                 f"reply_to {reply_to!r} is not allowed ({rule}); use your own address "
                                 f"{self.address!r} or a subject below it", frame.frame_id)
                 return None
+        if owed:
+            del self._owed[subject]  # one response per reply subject, as NATS allow_responses
         return msg
 
     def _publish(self, frame):
