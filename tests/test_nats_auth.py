@@ -12,7 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from tests.natsserver import NatsServer
@@ -266,3 +267,47 @@ class TlsTests(unittest.TestCase):
 
     def test_server_requires_a_client_certificate(self):
         return self.assert_refused("certificate required", tls_cert_file=None)
+
+
+class TlsClusterFailoverTests(unittest.TestCase):
+    """Servers learned from INFO ``connect_urls`` are advertised by IP; the certificate is
+    still verified against the hostname the user configured (as nats-py and nats.go do)."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_fails_over_to_learned_server_verified_by_configured_hostname(self):
+        from tests.natsserver import start_cluster
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = _certificate("wsp test CA", _name("wsp test CA"), ca_key,
+                               ca_key.public_key(), ca=True)
+        ca_path = _write_pem(directory, "ca", ca_cert, None)[0]
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _certificate("wsp server", ca_cert.subject, ca_key, key.public_key(),
+                            sans=[x509.DNSName("localhost")])  # not 127.0.0.1
+        cert_path, key_path = _write_pem(directory, "server", cert, key)
+        config = f'tls {{ cert_file: "{cert_path}", key_file: "{key_path}", timeout: 2 }}'
+        servers = yield start_cluster(self, size=2, config=config)
+        client = NatsClient(f"tls://localhost:{servers[0].port}", tls_ca_file=ca_path,
+                            randomize_servers=False, connect_timeout=2,
+                            reconnect_max_delay=0.2)
+        self.addCleanup(client.close)
+        yield client.start()
+        self.assertEqual(client.connected_server.port, servers[0].port)
+        for _ in range(50):  # the INFO naming the other node may come after the first one
+            if any(s.port == servers[1].port for s in client.pool.servers):
+                break
+            yield deferLater(reactor, 0.1)
+        [learned] = [s for s in client.pool.servers if s.port == servers[1].port]
+        self.assertEqual(learned.host, "127.0.0.1")
+        yield servers[0].kill()
+        yield client.when_connected().addTimeout(10, reactor)
+        self.assertEqual(client.connected_server.port, servers[1].port)
+        collector = Collector()
+        yield client.subscribe("after.failover", collector)
+        client.publish("after.failover", b"still tls")
+        [msg] = yield collector.wait()
+        self.assertEqual(msg.data, b"still tls")
+        self.assertTrue(client._protocol.transport.TLS)

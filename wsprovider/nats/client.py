@@ -418,7 +418,7 @@ class NatsClient(Service):
             with open(self.options.tls_key_file or self.options.tls_cert_file, "rb") as key_file:
                 key_pem = key_file.read()
             client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
-        return ssl.optionsForClientTLS(self.options.tls_hostname or server.host,
+        return ssl.optionsForClientTLS(self.options.tls_hostname or server.tls_name or server.host,
                                        trustRoot=trust_root,
                                        clientCertificate=client_certificate)
 

@@ -1,5 +1,6 @@
 """Server addresses and the rotating pool of servers the client (re)connects to."""
 
+import ipaddress
 import random
 from urllib.parse import unquote, urlsplit
 
@@ -19,6 +20,8 @@ class ServerAddress:
     password: str | None = None
     token: str | None = None
     discovered: bool = False
+    #: name to verify the TLS certificate against when ``host`` is a learned IP address
+    tls_name: str | None = None
 
     @classmethod
     def parse(cls, url: str, discovered: bool = False) -> "ServerAddress":
@@ -72,6 +75,7 @@ class ServerPool:
 
         Advertised URLs carry no credentials: those of ``via`` (the server that advertised
         them, e.g. ``nats://user:pass@host``) are used for them, as for ``via`` itself.
+        Servers advertised by IP keep the hostname of ``via`` for TLS verification.
         """
         known = {server.netloc for server in self.servers}
         added = []
@@ -80,8 +84,19 @@ class ServerPool:
                                          discovered=True)
             if via is not None and server.user is None and server.token is None:
                 server = attrs.evolve(server, user=via.user, password=via.password, token=via.token)
+            if via is not None and _is_ip(server.host):
+                tls_name = via.tls_name or (None if _is_ip(via.host) else via.host)
+                server = attrs.evolve(server, tls_name=tls_name)
             if server.netloc not in known:
                 known.add(server.netloc)
                 added.append(server)
         self.servers.extend(added)
         return added
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
