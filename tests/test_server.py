@@ -550,3 +550,33 @@ class PendingSubscribeTests(unittest.TestCase):
         yield self.peer.send_json({"type": "ping"})
         self.assertEqual((yield self.peer.recv_json()), {"type": "pong"})
         self.assertEqual(len(self.lattice._real._match("room.b")), 1)
+
+
+class ReadmeEmbeddingTests(unittest.TestCase):
+    timeout = 10
+
+    @defer.inlineCallbacks
+    def test_embedding_example_serves(self):
+        """README's "Embedding it in a Twisted application" example, on a free port."""
+        import os
+        import re
+        from twisted.application import service
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "README.rst"), encoding="utf-8") as f:
+            text = f.read()
+        text = text[text.index("\nEmbedding it in a Twisted application\n"):]
+        block = re.search(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text).group(1)
+        code = "\n".join(line[4:] for line in block.splitlines())
+        self.assertIn('"URI": "127.0.0.1:8080"', code)
+        code = code.replace('"URI": "127.0.0.1:8080"', '"URI": "tcp:0:interface=127.0.0.1"')
+        namespace = {"__name__": "readme_example"}
+        exec(compile(code, "README.rst", "exec"), namespace)
+        app_service = service.IService(namespace["application"])
+        app_service.startService()
+        self.addCleanup(app_service.stopService)
+        provider = namespace["provider"]
+        yield provider.when_ready()
+        peer = yield WebsocketsPeer.connect(ws_url(provider))
+        yield peer.send_json({"subject": "greet.me", "body": "bob"})
+        self.assertEqual((yield peer.recv_json())["body"], "hello bob")
+        yield peer.close()
