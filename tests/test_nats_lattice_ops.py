@@ -305,3 +305,69 @@ class ClusterFailoverTests(unittest.TestCase):
         self.assertEqual((yield pa.recv_json())["body"], "direct")
         yield pa.close()
         yield pb.close()
+
+
+class ShutdownLeavesNoListenersTests(NatsServerMixin, unittest.TestCase):
+    """``ClusterDirectory.stop()`` and ``NatsLattice.close()`` (shared client) leave nothing
+    behind that could act on a later connection change."""
+
+    @defer.inlineCallbacks
+    def shared_lattice(self):
+        from wsprovider.lattice.nats import NatsLattice
+        from wsprovider.nats import NatsClient
+        client = NatsClient(self.nats.url, reactor=reactor, reconnect_max_delay=0.2)
+        self.addCleanup(client.close)
+        lattice = NatsLattice(client, reactor=reactor, own_client=False)
+        yield lattice.start()
+        yield lattice.when_connected()
+        return client, lattice
+
+    @defer.inlineCallbacks
+    def outage(self, lattice):
+        """Kill and restart the server; fires once the lattice has reconnected."""
+        yield self.nats.kill()
+        yield self.nats.start()
+        yield wait_connected(lattice, True)
+
+    @defer.inlineCallbacks
+    def test_cluster_directory_stop(self):
+        from types import SimpleNamespace
+        from wsprovider.lattice.cluster import ClusterDirectory
+        client, lattice = yield self.shared_lattice()
+        config = SimpleNamespace(
+            instance_id=None, subject_prefix="_ws", session_joined_subject=None,
+            session_left_subject=None, session_events=False, cluster_heartbeat_sec=60.0,
+            cluster_list_timeout_ms=500)
+        factory = SimpleNamespace(sessions={}, add_observer=lambda observer: None)
+        directory = ClusterDirectory(factory, lattice, config, reactor, instance_id="stopper")
+        beats = []
+        publish = lattice.publish
+
+        def recording_publish(msg):
+            if msg.subject == directory.heartbeat_subject:
+                beats.append(json.loads(msg.body)["state"])
+            return publish(msg)
+        lattice.publish = recording_publish
+        yield directory.start()
+        waiter = directory.wait_for_instance("never-seen")
+        outcome = []
+        waiter.addBoth(outcome.append)
+        yield directory.stop()
+        self.assertEqual(beats, ["alive", "bye"])
+        yield self.outage(lattice)
+        self.assertEqual(beats, ["alive", "bye"], "a heartbeat after bye")
+        self.assertNotIn(directory._lattice_state, lattice._state_listeners)
+        self.assertEqual(len(outcome), 1, "wait_for_instance still pending after stop()")
+
+    @defer.inlineCallbacks
+    def test_lattice_close_on_shared_client(self):
+        client, lattice = yield self.shared_lattice()
+        heard = []
+        lattice.on_state_change(heard.append)
+        yield lattice.close()
+        yield self.nats.kill()
+        yield self.nats.start()
+        yield client.when_connected()
+        self.assertEqual(heard, [], "a lattice callback ran after close()")
+        self.assertNotIn(lattice._state_changed, client._state_listeners)
+        self.assertNotIn(lattice._client_error, client._error_listeners)

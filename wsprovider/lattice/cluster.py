@@ -57,6 +57,7 @@ class ClusterDirectory:
         self._subs = []
         self._loop = None
         self._instance_waiters: dict[str, list] = {}
+        self._remove_state_listener = None
         #: what the last cluster-wide listing saw: {"answered": [...], "missing": [...]}
         self.last_listing = None
 
@@ -73,11 +74,19 @@ class ClusterDirectory:
             self._loop.start(self.heartbeat_sec, now=True).addErrback(
                 lambda f: self.log.failure("heartbeat loop failed", f))
             if hasattr(self.lattice, "on_state_change"):
-                self.lattice.on_state_change(self._lattice_state)
+                self._remove_state_listener = self.lattice.on_state_change(self._lattice_state)
         return self
 
     @defer.inlineCallbacks
     def stop(self):
+        # First, so a reconnect from here on cannot announce this instance alive again.
+        remove, self._remove_state_listener = self._remove_state_listener, None
+        if remove is not None:
+            remove()
+        waiters, self._instance_waiters = self._instance_waiters, {}
+        for instance_waiters in waiters.values():
+            for waiter in instance_waiters:
+                waiter.errback(defer.CancelledError("the cluster directory stopped"))
         if self._loop is not None and self._loop.running:
             self._loop.stop()
             self._loop = None

@@ -138,8 +138,8 @@ class NatsLattice:
         self._inbox_sub = None
         self._closed = False
         self._state_listeners = []
-        client.on_state_change(self._state_changed)
-        client.on_error(self._client_error)
+        self._client_listener_removers = [client.on_state_change(self._state_changed),
+                                          client.on_error(self._client_error)]
 
     @classmethod
     def from_config(cls, config, reactor=None, name: str | None = None) -> "NatsLattice":
@@ -198,8 +198,9 @@ class NatsLattice:
         return d.addCallbacks(lambda _: self, lambda f: Failure(self._as_messaging_error(f.value, "connect")))
 
     def on_state_change(self, listener):
-        """``listener(connected: bool)`` on every connection change."""
+        """``listener(connected: bool)`` on every connection change; returns a remover."""
         self._state_listeners.append(listener)
+        return lambda: self._state_listeners.remove(listener)
 
     def _state_changed(self, old, new):
         if new.value == "reconnecting":
@@ -225,7 +226,10 @@ class NatsLattice:
             if p.timer.active():
                 p.timer.cancel()
             p.deferred.errback(NotConnected("the lattice was shut down before a reply arrived"))
-        if not self.own_client:
+        if not self.own_client:  # the shared client lives on: leave nothing of ours on it
+            removers, self._client_listener_removers = self._client_listener_removers, []
+            for remove in removers:
+                remove()
             if self._inbox_sub is not None:
                 self._inbox_sub.unsubscribe()
             return defer.succeed(None)
