@@ -11,7 +11,7 @@ import socket
 import sys
 from http import HTTPStatus
 
-from twisted.internet import defer, protocol, reactor, task, utils
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -24,6 +24,7 @@ from wsprovider.interfaces import IMessageHandler
 from wsprovider.message import BrokerMessage, BufferFull, NoResponders, NotConnected, RequestTimeout
 
 from .peers import WebsocketsPeer, as_deferred, start_provider, ws_url
+from .test_twistd import TWISTD, twistd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -814,14 +815,6 @@ class TlsTests(unittest.TestCase):
 
 
 # -- twistd ----------------------------------------------------------------------------------
-
-TWISTD = ["-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
-
-
-def twistd(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return utils.getProcessOutputAndValue(sys.executable, tuple(TWISTD) + args, env=env, path=ROOT)
-
 
 class TwistdClientTests(unittest.TestCase):
     timeout = 60
