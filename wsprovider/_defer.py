@@ -22,3 +22,26 @@ def mirror(d: defer.Deferred) -> defer.Deferred:
 
     d.addBoth(relay)
     return out
+
+
+_NOT_YET = object()
+
+
+def result_if_succeeded(d: defer.Deferred, default=_NOT_YET):
+    """``d``'s result if it has already fired with success, else ``default``.
+
+    The one place that peeks at ``Deferred.result``: a hot path (a synchronous local
+    delivery, an already-live subscription) may skip a callback round trip when the
+    answer is already there. A failure is left in ``d`` for its errbacks; a paused or
+    chained Deferred counts as not fired.
+    """
+    if d.called and not d.paused and not isinstance(d.result, Failure):
+        return d.result
+    return default if default is not _NOT_YET else None
+
+
+def failure_if_failed(d: defer.Deferred):
+    """The ``Failure`` ``d`` has already fired with, or None (see ``result_if_succeeded``)."""
+    if d.called and not d.paused and isinstance(d.result, Failure):
+        return d.result
+    return None

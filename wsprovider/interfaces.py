@@ -92,6 +92,57 @@ class ILattice(Interface):
         """Release the bus. Deferred."""
 
 
+# -- declared lattice capabilities -------------------------------------------------------
+# What a lattice can do beyond ``ILattice`` is declared with ``@implementer`` and asked with
+# ``ICapability.providedBy(lattice)``; never probed with ``getattr``. The lattice
+# conformance suite (tests/test_lattice_conformance.py) checks each declared capability
+# and checks that a lattice without it says so.
+
+
+class ISynchronousDispatch(Interface):
+    """The lattice can deliver a message to in-process handlers before ``dispatch`` returns."""
+
+    def dispatch(msg):
+        """Deliver ``msg`` as ``ILattice.publish`` does.
+
+        :return: None when every handler accepted it synchronously, else a Deferred as
+            ``publish`` returns (a handler still working, or an error to report).
+        """
+
+
+class IAddressedDelivery(Interface):
+    """The lattice can hand a message to a session at an address on whichever instance
+    holds it, keeping the message's own subject and reply subject, and acknowledged."""
+
+    def publish_to_address(address, msg, timeout_ms):
+        """Deferred firing with None once the holder delivered ``msg`` to the session;
+        fails with ``NoResponders`` when nobody holds ``address``."""
+
+
+class IClusteredLattice(Interface):
+    """The lattice spans several service instances (listing and broadcast counts need
+    the cluster directory); without it, this instance is the whole lattice."""
+
+
+class IExactBroadcastCount(Interface):
+    """A broadcast's count of reached sessions is known when ``publish`` fires (every
+    subscriber is in this process). Without it, ``broadcast`` reports the sessions reached
+    on this instance only, documented as a lower bound."""
+
+
+class IConnectionState(Interface):
+    """The lattice depends on a connection that can be down (NATS); readiness and metrics
+    ask it. A lattice without it is always connected."""
+
+    connected = Attribute("True while messages can flow.")
+
+    def add_state_listener(listener):
+        """Call ``listener(connected: bool)`` on every change."""
+
+    def remove_state_listener(listener):
+        """Stop calling ``listener``."""
+
+
 class ISessionRegistry(Interface):
     """The WebSocket sessions a factory holds (server peers or client links)."""
 
