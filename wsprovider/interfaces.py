@@ -68,11 +68,18 @@ class ILattice(Interface):
     def request(subject, body, timeout_ms):
         """As ``IMessagingConsumer.request``, over the bus."""
 
-    def subscribe(pattern, callback, queue=None):
+    def subscribe(pattern, callback, queue=None, on_status=None):
         """Call ``callback(msg)`` for every message matching ``pattern``.
 
         ``callback`` may return a Deferred; its failure is the handler's error.
         With ``queue``, subscriptions sharing the queue name share the messages.
+
+        A bus status that arrives on the subscription (NATS' 503 "no responders" for a
+        message published with this subscription's subject as its reply subject) is never
+        delivered to ``callback`` as data: the lattice calls ``on_status(error)`` with a
+        ``MessagingError`` (``NoResponders``) instead, or drops and counts it when
+        ``on_status`` is None. A lattice that reports no responders through ``publish``'s
+        failure (the embedded one) may never call ``on_status``.
 
         :return: a Deferred firing with an ``ISubscription``.
         """
