@@ -21,7 +21,7 @@ from zope.interface import implementer
 from ._defer import mirror
 from .config import ConfigError, ProviderConfig
 from .endpoints import server_endpoint_description
-from .interfaces import IMessageHandler, IMessagingConsumer
+from .interfaces import IClusteredLattice, IMessageHandler, IMessagingConsumer
 from .lattice.local import LocalLattice
 from .message import BrokerMessage, MessagingError, NotConnected
 
@@ -241,7 +241,7 @@ class WebSocketMessagingProvider(service.MultiService):
         for pattern in link_config.subscriptions:
             # On a shared bus (NATS) every instance links the same component: one of them handles each message.
             queue = (f"{self.config.subject_prefix}.handlers.{component_id.replace(' ', '_')}"
-                     if getattr(self.lattice, "clustered", False) else None)
+                     if IClusteredLattice.providedBy(self.lattice) else None)
             sub = yield self.lattice.subscribe(pattern, target.handle_message, queue)
             subs.append(sub)
         self.handler_links[component_id] = subs

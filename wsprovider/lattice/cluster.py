@@ -25,6 +25,7 @@ import time
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from ..interfaces import IClusteredLattice, IConnectionState
 from ..message import BrokerMessage
 
 _MISSED_HEARTBEATS = 3
@@ -51,13 +52,13 @@ class ClusterDirectory:
         self.left_subject = config.session_left_subject or f"{prefix}.events.session.left"
         self.events = config.session_events
         self.heartbeat_sec = config.cluster_heartbeat_sec
-        self.clustered = bool(getattr(lattice, "clustered", False))
+        self.clustered = IClusteredLattice.providedBy(lattice)
         #: instance id -> monotonic deadline after which it is considered gone
         self.instances: dict[str, float] = {}
         self._subs = []
         self._loop = None
         self._instance_waiters: dict[str, list] = {}
-        self._remove_state_listener = None
+        self._watching_state = False
         #: what the last cluster-wide listing saw: {"answered": [...], "missing": [...]}
         self.last_listing = None
 
@@ -73,16 +74,17 @@ class ClusterDirectory:
             self._loop.clock = self.reactor
             self._loop.start(self.heartbeat_sec, now=True).addErrback(
                 lambda f: self.log.failure("heartbeat loop failed", f))
-            if hasattr(self.lattice, "on_state_change"):
-                self._remove_state_listener = self.lattice.on_state_change(self._lattice_state)
+            if IConnectionState.providedBy(self.lattice):
+                self.lattice.add_state_listener(self._lattice_state)
+                self._watching_state = True
         return self
 
     @defer.inlineCallbacks
     def stop(self):
         # First, so a reconnect from here on cannot announce this instance alive again.
-        remove, self._remove_state_listener = self._remove_state_listener, None
-        if remove is not None:
-            remove()
+        if self._watching_state:
+            self._watching_state = False
+            self.lattice.remove_state_listener(self._lattice_state)
         waiters, self._instance_waiters = self._instance_waiters, {}
         for instance_waiters in waiters.values():
             for waiter in instance_waiters:
