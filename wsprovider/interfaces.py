@@ -187,6 +187,11 @@ class IConnectionState(Interface):
         """Stop calling ``listener``."""
 
 
+def lattice_connected(lattice) -> bool:
+    """Whether messages can flow: ``IConnectionState`` says; any other lattice always can."""
+    return bool(lattice.connected) if IConnectionState.providedBy(lattice) else True
+
+
 class ISessionRegistry(Interface):
     """The WebSocket sessions a factory holds (server peers or client links)."""
 
