@@ -484,7 +484,7 @@ class LatticeConformanceMixin:
     def test_exact_broadcast_count(self):
         """With ``IExactBroadcastCount`` every subscriber has run when ``publish`` fires, so the
         sender can count who was reached; without it the count can only be the receivers
-        on the sender's own instance (docs/protocol.rst, "broadcast")."""
+        on the sender's own instance (docs/protocol.rst, "Broadcast")."""
         reached = []
         for _ in range(3):
             reached.append((yield self.subscribe(self.lattice, "_ws.broadcast.>")))
