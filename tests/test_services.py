@@ -120,3 +120,24 @@ class ProviderTreeTests(unittest.TestCase):
         self.assertEqual(provider.list_sessions(), [])
         self.assertFalse(provider.is_ready())
         self.failureResultOf(provider.when_ready())
+
+
+class ListeningFailureTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_port_in_use_fails_when_ready_and_is_logged_once(self):
+        import socket
+        from twisted.internet.error import CannotListenError
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        provider = WebSocketMessagingProvider(ProviderConfig.from_mapping(
+            {"MODE": "server", "URI": f"tcp:{port}:interface=127.0.0.1"}))
+        provider.startService()
+        self.addCleanup(provider.shutdown)
+        error = yield self.assertFailure(provider.when_ready(), CannotListenError)
+        self.assertIn(str(port), str(error))
+        self.assertFalse(provider.is_ready())
+        # "wsprovider could not start", and no "Unhandled Error" beside it.
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)

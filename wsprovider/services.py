@@ -131,6 +131,9 @@ class ListeningService(StreamServerEndpointService):
     def _listening(self, d):
         d.addCallback(self._set_port)  # first: whoever waits for ready may ask for the port
         self.ready = Outcome(mirror(d))  # d itself stays the service's (it stops the port)
+        # A failure to listen is the provider's to report (when_ready, "could not start"),
+        # not an "Unhandled Error" from StreamServerEndpointService: it sees no port.
+        d.addErrback(lambda _failure: None)
 
     def _set_port(self, port):
         self.port = port
