@@ -263,6 +263,23 @@ class LatticeConformanceMixin:
         self.assertIn(first[0], "_$", "an inbox is a private subject (first-token rule)")
 
     @defer.inlineCallbacks
+    def test_fail_reply(self):
+        """The responder that owed a reply is gone: ``fail_reply`` fails the requester at
+        once (on a clustered lattice, also from another instance)."""
+        def gone(msg):
+            self.assertTrue(self.peer.fail_reply(msg.reply_to, NotConnected("the session went away")))
+        yield self.subscribe(self.peer, "svc.leaving", gone)
+        yield self.settle()
+        error = yield self.assertFailure(self.lattice.request("svc.leaving", b"", 30000), NotConnected)
+        self.assertIn("went away", str(error))
+        self.assertFalse(self.lattice.fail_reply("not.an.inbox", NotConnected("x")))
+
+    def test_new_inbox(self):
+        inboxes = {self.lattice.new_inbox() for _ in range(100)}
+        self.assertEqual(len(inboxes), 100)
+        self.assertTrue(all(inbox[0] in "_$" for inbox in inboxes), "an inbox is a private subject")
+
+    @defer.inlineCallbacks
     def test_request_timeout(self):
         yield self.subscribe(self.peer, "svc.silent", lambda m: None)
         yield self.settle()
