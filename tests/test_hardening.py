@@ -23,6 +23,8 @@ from zope.interface import implementer
 from wsprovider import BrokerMessage, IMessageHandler
 from wsprovider.config import ProviderConfig
 from wsprovider.handlers import echo
+from wsprovider.interfaces import IConnectionState
+from wsprovider.lattice.local import LocalLattice
 from wsprovider.ratelimit import SessionRateLimiter, TokenBucket
 
 from .peers import WebsocketsPeer, as_deferred, start_provider, ws_url
@@ -566,12 +568,24 @@ class DrainTests(unittest.TestCase):
 
 # -- HTTP endpoints -------------------------------------------------------------------------
 
+@implementer(IConnectionState)
+class _LatticeWithALink(LocalLattice):
+    """The embedded lattice declaring ``IConnectionState``, so a test can take its "link"
+    down (a fake: a real outage is in test_nats_lattice_ops)."""
+
+    def add_state_listener(self, listener):
+        pass
+
+    def remove_state_listener(self, listener):
+        pass
+
+
 class EndpointTests(unittest.TestCase):
     timeout = 20
 
     @defer.inlineCallbacks
     def test_healthz_and_readyz(self):
-        provider = yield start_provider(self)
+        provider = yield start_provider(self, lattice=_LatticeWithALink())
         code, _, body = yield http(b"GET", base_url(provider) + "/healthz")
         self.assertEqual((code, json.loads(body)), (200, {"status": "ok"}))
         code, _, body = yield http(b"GET", base_url(provider) + "/readyz")

@@ -140,11 +140,20 @@ class TwoInstancesMixin:
         yield peer.close()
 
     @defer.inlineCallbacks
-    def test_peer_publish_to_empty_subject_is_not_an_error(self):
+    def test_peer_publish_to_empty_subject_is_no_responders(self):
+        """As on the embedded lattice: a ``no_responders`` error frame, and nothing else (NATS'
+        503 status on the session's reply subject is never forwarded as a message)."""
         peer = yield connect(self.a)
-        yield peer.send_json({"subject": "nobody.listens", "body": "x"})
-        yield peer.send_json({"type": "ping", "id": 1})
-        self.assertEqual((yield peer.recv_json()), {"type": "pong", "id": 1})
+        for reply_to in (None, peer.address + ".r1"):
+            frame = {"subject": "nobody.listens", "body": "x"}
+            if reply_to is not None:
+                frame["reply_to"] = reply_to
+            yield peer.send_json(frame)
+            err = yield peer.recv_json()
+            self.assertEqual((err["type"], err["code"]), ("error", "no_responders"), err)
+            self.assertIn(repr(reply_to or peer.address), err["message"])
+            yield peer.send_json({"type": "ping", "id": 1})
+            self.assertEqual((yield peer.recv_json()), {"type": "pong", "id": 1})
         yield peer.close()
 
     @defer.inlineCallbacks

@@ -332,7 +332,7 @@ class ShutdownLeavesNoListenersTests(NatsServerMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_cluster_directory_stop(self):
         from types import SimpleNamespace
-        from wsprovider.lattice.cluster import ClusterDirectory
+        from wsprovider.lattice.cluster import ClusterDirectory, ClusterDirectoryService
         client, lattice = yield self.shared_lattice()
         config = SimpleNamespace(
             instance_id=None, subject_prefix="_ws", session_joined_subject=None,
@@ -348,11 +348,13 @@ class ShutdownLeavesNoListenersTests(NatsServerMixin, unittest.TestCase):
                 beats.append(json.loads(msg.body)["state"])
             return publish(msg)
         lattice.publish = recording_publish
-        yield directory.start()
+        heartbeats = ClusterDirectoryService(directory)
+        heartbeats.startService()
+        yield heartbeats.when_started()
         waiter = directory.wait_for_instance("never-seen")
         outcome = []
         waiter.addBoth(outcome.append)
-        yield directory.stop()
+        yield heartbeats.stopService()
         self.assertEqual(beats, ["alive", "bye"])
         yield self.outage(lattice)
         self.assertEqual(beats, ["alive", "bye"], "a heartbeat after bye")

@@ -496,8 +496,8 @@ class HeldSubscribeLattice:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def subscribe(self, pattern, callback, queue=None):
-        d = self._real.subscribe(pattern, callback, queue)
+    def subscribe(self, pattern, callback, queue=None, on_status=None):
+        d = self._real.subscribe(pattern, callback, queue, on_status)
         if not pattern.startswith("room."):
             return d
         held = defer.Deferred()

@@ -45,3 +45,46 @@ def failure_if_failed(d: defer.Deferred):
     if d.called and not d.paused and isinstance(d.result, Failure):
         return d.result
     return None
+
+
+class Outcome:
+    """The result of a Deferred, to be read any number of times.
+
+    ``observe()`` returns a new Deferred with the result (now, or when it comes). The
+    source's failure is taken over (each observer gets it), so a start-up failure that
+    several parties wait for is reported by them, not as "Unhandled error in Deferred".
+    """
+
+    def __init__(self, d: defer.Deferred):
+        self._result = _NOT_YET
+        self._waiters = []
+        d.addBoth(self._fired)
+
+    @property
+    def done(self) -> bool:
+        return self._result is not _NOT_YET
+
+    @property
+    def succeeded(self) -> bool:
+        return self.done and not isinstance(self._result, Failure)
+
+    def _fired(self, result):
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            self._fire(waiter)
+        return None
+
+    def _fire(self, waiter):
+        if isinstance(self._result, Failure):
+            waiter.errback(self._result)
+        else:
+            waiter.callback(self._result)
+
+    def observe(self) -> defer.Deferred:
+        waiter = defer.Deferred()
+        if self._result is _NOT_YET:
+            self._waiters.append(waiter)
+        else:
+            self._fire(waiter)
+        return waiter

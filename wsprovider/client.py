@@ -765,9 +765,7 @@ class ClientLink:
             if isinstance(entry, _Request):
                 self._fail_request(entry, error)
             else:
-                fail_reply = getattr(self.lattice, "fail_reply", None)
-                if fail_reply is not None:
-                    fail_reply(entry.local, error)
+                self.lattice.fail_reply(entry.local, error)  # in ILattice
         while self._raw_waiters:
             self._fail_request(self._raw_waiters[0], error)
         for subject in list(self._owed):

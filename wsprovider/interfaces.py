@@ -54,8 +54,16 @@ class ILattice(Interface):
     """A subject bus: where WebSocket peers and components meet.
 
     Subjects and patterns follow NATS: dot-separated tokens, ``*`` matches one token,
-    ``>`` matches one or more trailing tokens.
+    ``>`` matches one or more trailing tokens. A pattern whose first token is a wildcard
+    does not match subjects whose first token starts with ``_`` or ``$`` (MQTT's rule:
+    session addresses, inboxes and control subjects are only seen by patterns naming
+    their first token).
+
+    Every implementation passes tests/test_lattice_conformance.py; what it can do beyond
+    this interface is declared with the capability interfaces below.
     """
+
+    name = Attribute("A short name for logs and metrics ('local', 'nats', ...).")
 
     def publish(msg):
         """Deliver ``msg`` to every matching subscription.
@@ -117,6 +125,33 @@ class ISynchronousDispatch(Interface):
         """
 
 
+class IAcknowledgedPublish(Interface):
+    """``publish`` fires only after every matching subscriber has accepted the message:
+    it fails with ``NoResponders`` when nothing matched (a strict embedded lattice) and
+    with the handler's error when a handler failed.
+
+    Without it (NATS), ``publish`` fires once the bus has the message; nobody listening
+    is reported only for a message with a reply subject, to ``on_status`` of the
+    subscription on that reply subject; a handler's error reaches a requester (as the
+    request's failure) but not a plain publisher.
+    """
+
+
+class IBoundedPayload(Interface):
+    """The bus carries bodies up to ``max_payload`` bytes; a larger one is refused with a
+    ``MessagingError`` of code ``too_large`` and reaches no one. Without it, the lattice
+    carries any body (the limits that apply are the WebSocket side's)."""
+
+    max_payload = Attribute("The largest body in bytes (known once started).")
+
+
+class IStartable(Interface):
+    """The lattice must be started before use (it connects somewhere)."""
+
+    def start():
+        """Begin (returns at once; connecting may go on in the background). Deferred."""
+
+
 class IAddressedDelivery(Interface):
     """The lattice can hand a message to a session at an address on whichever instance
     holds it, keeping the message's own subject and reply subject, and acknowledged."""
@@ -127,8 +162,10 @@ class IAddressedDelivery(Interface):
 
 
 class IClusteredLattice(Interface):
-    """The lattice spans several service instances (listing and broadcast counts need
-    the cluster directory); without it, this instance is the whole lattice."""
+    """The lattice spans several service instances: two lattices built on the same bus
+    see each other's messages, so listing and presence need the cluster directory and a
+    component linked on every instance subscribes in a queue group (one instance handles
+    each message). Without it, this instance is the whole lattice."""
 
 
 class IExactBroadcastCount(Interface):
@@ -148,6 +185,11 @@ class IConnectionState(Interface):
 
     def remove_state_listener(listener):
         """Stop calling ``listener``."""
+
+
+def lattice_connected(lattice) -> bool:
+    """Whether messages can flow: ``IConnectionState`` says; any other lattice always can."""
+    return bool(lattice.connected) if IConnectionState.providedBy(lattice) else True
 
 
 class ISessionRegistry(Interface):

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ._version import __version__
+from .interfaces import lattice_connected
 
 PREFIX = "wsprovider"
 
@@ -49,18 +50,16 @@ class ProviderCollector:
         provider = self._provider
         info = GaugeMetricFamily(f"{PREFIX}_info", "wsprovider version and lattice",
                                  labels=["version", "mode", "lattice"])
-        info.add_metric([__version__, provider.config.mode, str(getattr(provider.lattice, "name", "custom"))], 1)
+        info.add_metric([__version__, provider.config.mode, str(provider.lattice.name)], 1)
         yield info
-        connected = getattr(provider.lattice, "connected", True)
+        connected = lattice_connected(provider.lattice)
         yield _gauge("lattice_connected", "1 when the lattice (e.g. the NATS link) is connected", 1 if connected else 0)
         yield _gauge("listening", "1 while the server port is open", 1 if provider.listening_port is not None else 0)
-        ws = provider.ws
-        stats = getattr(ws, "stats", None)
-        if stats is None:
-            return
-        yield _gauge("draining", "1 while the service drains on shutdown", 1 if getattr(ws, "draining", False) else 0)
+        ws = provider.ws  # server mode only (metrics are served by server mode's site): the factory
+        stats = ws.stats
+        yield _gauge("draining", "1 while the service drains on shutdown", 1 if ws.draining else 0)
         yield _gauge("sessions", "WebSocket sessions open now", stats.sessions_opened - stats.sessions_closed)
-        yield _gauge("inflight_requests", "peers' requests waiting for a reply", getattr(ws, "inflight", 0))
+        yield _gauge("inflight_requests", "peers' requests waiting for a reply", ws.inflight)
         yield _counter("sessions_opened", "WebSocket sessions opened", stats.sessions_opened)
         yield _counter("sessions_closed", "WebSocket sessions closed", stats.sessions_closed)
         yield _counter("messages_in", "WebSocket messages received from peers", stats.messages_in)

@@ -174,8 +174,8 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         self.transport.registerProducer(self, True)
         factory._session_opened(self)
         pending = [
-            factory.lattice.subscribe(self.address, self.deliver),
-            factory.lattice.subscribe(self.address + ".>", self.deliver),
+            factory.lattice.subscribe(self.address, self.deliver, on_status=self._bus_status),
+            factory.lattice.subscribe(self.address + ".>", self.deliver, on_status=self._bus_status),
         ]
         if all(d.called and not d.paused and ISubscription.providedBy(d.result) for d in pending):
             self._addressable([d.result for d in pending])  # the local lattice: no DeferredList
@@ -184,6 +184,11 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
             d.addCallbacks(self._addressable, self._not_addressable)
         if factory.draining:
             self.close_session(CLOSE_GOING_AWAY, "the service is shutting down")
+
+    def _bus_status(self, error):
+        """A bus status on this session's address (NATS no responders): an error frame, never data."""
+        if self._open:
+            self.send_error(error.code, str(error))
 
     def _credentials_expired(self):
         self._expiry_call = None

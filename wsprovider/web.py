@@ -14,6 +14,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from .interfaces import lattice_connected
+
 _log = Logger(namespace="wsprovider.web")
 
 
@@ -71,9 +73,9 @@ class Ready(Resource):
         problems = []
         if provider.listening_port is None:
             problems.append("not listening")
-        if getattr(provider.ws, "draining", False):
+        if provider.ws.draining:
             problems.append("draining: the service is shutting down")
-        if not getattr(provider.lattice, "connected", True):
+        if not lattice_connected(provider.lattice):
             problems.append("the lattice is not connected")
         if problems:
             return _json(request, 503, {"status": "not ready", "problems": problems})

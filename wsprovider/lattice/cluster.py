@@ -22,9 +22,13 @@ import json
 import secrets
 import time
 
-from twisted.internet import defer, task
+from twisted.application import service
+from twisted.application.internet import TimerService
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from .._defer import Outcome
+from ..interfaces import IClusteredLattice, IConnectionState
 from ..message import BrokerMessage
 
 _MISSED_HEARTBEATS = 3
@@ -51,13 +55,13 @@ class ClusterDirectory:
         self.left_subject = config.session_left_subject or f"{prefix}.events.session.left"
         self.events = config.session_events
         self.heartbeat_sec = config.cluster_heartbeat_sec
-        self.clustered = bool(getattr(lattice, "clustered", False))
+        self.clustered = IClusteredLattice.providedBy(lattice)
         #: instance id -> monotonic deadline after which it is considered gone
         self.instances: dict[str, float] = {}
         self._subs = []
-        self._loop = None
+        self._started = False
         self._instance_waiters: dict[str, list] = {}
-        self._remove_state_listener = None
+        self._watching_state = False
         #: what the last cluster-wide listing saw: {"answered": [...], "missing": [...]}
         self.last_listing = None
 
@@ -65,32 +69,31 @@ class ClusterDirectory:
 
     @defer.inlineCallbacks
     def start(self):
+        """Answer listings and hear heartbeats. The heartbeats themselves are sent by
+        ``ClusterDirectoryService`` (a ``TimerService`` calling ``beat``)."""
+        self._started = True
         self.factory.add_observer(self)
         self._subs.append((yield self.lattice.subscribe(self.list_subject, self._answer_listing)))
         if self.clustered:
             self._subs.append((yield self.lattice.subscribe(self.heartbeat_subject, self._heard)))
-            self._loop = task.LoopingCall(self._beat, "alive")
-            self._loop.clock = self.reactor
-            self._loop.start(self.heartbeat_sec, now=True).addErrback(
-                lambda f: self.log.failure("heartbeat loop failed", f))
-            if hasattr(self.lattice, "on_state_change"):
-                self._remove_state_listener = self.lattice.on_state_change(self._lattice_state)
+            if IConnectionState.providedBy(self.lattice):
+                self.lattice.add_state_listener(self._lattice_state)
+                self._watching_state = True
         return self
 
     @defer.inlineCallbacks
     def stop(self):
         # First, so a reconnect from here on cannot announce this instance alive again.
-        remove, self._remove_state_listener = self._remove_state_listener, None
-        if remove is not None:
-            remove()
+        if self._watching_state:
+            self._watching_state = False
+            self.lattice.remove_state_listener(self._lattice_state)
         waiters, self._instance_waiters = self._instance_waiters, {}
         for instance_waiters in waiters.values():
             for waiter in instance_waiters:
                 waiter.errback(defer.CancelledError("the cluster directory stopped"))
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-            self._loop = None
+        if self._started and self.clustered:
             yield self._beat("bye")
+        self._started = False
         subs, self._subs = self._subs, []
         for sub in subs:
             yield sub.unsubscribe()
@@ -100,6 +103,10 @@ class ClusterDirectory:
             self._beat("alive")
 
     # -- heartbeats ---------------------------------------------------------------------
+
+    def beat(self):
+        """Say this instance is alive (every ``CLUSTER_HEARTBEAT_SEC``). Deferred."""
+        return self._beat("alive")
 
     def _beat(self, state):
         body = json.dumps({"instance": self.instance_id, "state": state, "interval": self.heartbeat_sec,
@@ -213,3 +220,32 @@ class ClusterDirectory:
     def session_closed(self, session, code, reason):
         if self.events:
             self._event(session, "left", code=code, reason=reason or "")
+
+
+class ClusterDirectoryService(TimerService):
+    """The directory as a service: on a clustered lattice a ``TimerService`` sends its
+    heartbeats (the first at once); on stop the timer ends first, then ``bye``."""
+
+    def __init__(self, directory: ClusterDirectory):
+        TimerService.__init__(self, directory.heartbeat_sec, directory.beat)
+        self.clock = directory.reactor
+        self.directory = directory
+        self.ready = None
+        self.setName("cluster")
+
+    def startService(self):
+        self.ready = Outcome(self.directory.start())
+        if self.directory.clustered:
+            TimerService.startService(self)
+        else:  # alone on the lattice: nobody to tell
+            service.Service.startService(self)
+
+    def when_started(self):
+        return self.ready.observe()
+
+    def stopService(self):
+        if self.directory.clustered:
+            d = TimerService.stopService(self)
+        else:
+            d = defer.maybeDeferred(service.Service.stopService, self)
+        return d.addCallback(lambda _: self.directory.stop())

@@ -22,7 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..interfaces import ILattice, ISubscription
+from ..interfaces import (IAcknowledgedPublish, IExactBroadcastCount, ILattice, ISubscription,
+                          ISynchronousDispatch)
 from ..message import BrokerMessage, MessagingError, NoResponders, NotConnected, RequestTimeout
 from ..subjects import check_pattern, check_subject, is_wildcard, matches
 
@@ -58,7 +59,7 @@ class _PendingRequest:
         self.subject = subject
 
 
-@implementer(ILattice)
+@implementer(ILattice, ISynchronousDispatch, IExactBroadcastCount, IAcknowledgedPublish)
 class LocalLattice:
     """In-process subject bus.
 
@@ -90,7 +91,10 @@ class LocalLattice:
 
     # -- subscriptions ----------------------------------------------------------------
 
-    def subscribe(self, pattern, callback, queue=None):
+    def subscribe(self, pattern, callback, queue=None, on_status=None):
+        # on_status is never called: no responders is publish's failure here (ILattice).
+        if not self.connected:
+            return defer.fail(NotConnected("the lattice is shut down"))
         check_pattern(pattern)
         sub = LocalSubscription(self, pattern, callback, queue)
         if is_wildcard(pattern):
@@ -157,6 +161,8 @@ class LocalLattice:
         """``publish`` for hot paths: None when every receiver took the message synchronously
         and without error (no Deferred is made), else the Deferred ``publish`` returns."""
         subject = msg.subject
+        if not self.connected:
+            return defer.fail(NotConnected("the lattice is shut down; the message was not sent"))
         if self._pending:
             pending = self._pending.pop(subject, None)
             if pending is not None:
@@ -252,6 +258,8 @@ class LocalLattice:
 
     def request(self, subject, body, timeout_ms):
         check_subject(subject)
+        if not self.connected:
+            return defer.fail(NotConnected("the lattice is shut down; the request was not sent"))
         inbox = self.new_inbox()
         if not self._match(subject):
             return defer.fail(NoResponders(f"no responders for subject {subject!r}"))
@@ -295,6 +303,8 @@ class LocalLattice:
             p.timer.cancel()
             p.deferred.errback(NotConnected("the lattice was shut down before a reply arrived"))
         self.connected = False
+        self._exact, self._wild, self._tails = {}, [], {}  # nothing is delivered after close
+        self._cache.clear()
         return defer.succeed(None)
 
 

@@ -7,10 +7,18 @@ instances share their sessions. See docs/nats.rst.
 
 Same semantics as ``LocalLattice`` where NATS allows, with these differences:
 
-* A plain publish to a subject nobody subscribes to is *not* an error: NATS cannot tell.
-  Requests do fail with ``NoResponders`` (NATS' 503 status).
-* A handler's failure is not reported to a plain publisher (it is to a requester, and to
-  ``publish_to_address``, which is acknowledged).
+* A plain publish to a subject nobody subscribes to is *not* an error: NATS cannot tell
+  (no ``IAcknowledgedPublish``). A message published *with a reply subject* to a subject
+  nobody listens on makes NATS answer the reply subject with a 503 "no responders"
+  status; that status is never delivered as data: the subscription on the reply subject
+  gets ``on_status(NoResponders(...))`` (or the status is dropped and counted in
+  ``statuses_dropped`` when it has no ``on_status``). Requests fail with ``NoResponders``.
+* A handler's failure is not reported to a plain publisher. A requester gets it as the
+  request's failure when the request came from a ``NatsLattice`` (an ``_INBOX.wsp-``
+  inbox, answered with ``Wsprovider-Error``); a plain NATS requester times out.
+  ``publish_to_address`` is acknowledged, so it fails with the handler's error.
+* Per-publisher order is NATS' own: messages from one lattice reach one subscription in
+  the order they were published.
 * ``NATS_SUBJECT_PREFIX`` (``subject_prefix``) maps the subjects peers and handlers use
   into a NATS namespace (``chat.x`` is ``<prefix>.chat.x`` on NATS). Subjects whose first
   token starts with ``_`` or ``$`` (session addresses, broadcast and control subjects,
@@ -42,12 +50,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..interfaces import ILattice, ISubscription
+from .._defer import failure_if_failed
+from ..interfaces import (IAddressedDelivery, IBoundedPayload, IClusteredLattice, IConnectionState,
+                          ILattice, IStartable, ISubscription)
 from ..message import (BrokerMessage, BufferFull, MessagingError, NoResponders, NotConnected,
                        PermissionDenied, RequestTimeout)
 from ..nats import (BufferFullError, ConnectionClosedError, MaxPayloadError, NatsClient,
                     NatsError, NatsTimeoutError, NoRespondersError)
 from ..nats.errors import AuthorizationError
+from ..replies import PendingReplies
 from ..subjects import SubjectError, check_pattern, check_subject
 
 SUBJECT_HEADER = "Wsprovider-Subject"
@@ -71,13 +82,14 @@ def error_from_code(code: str, text: str) -> MessagingError:
 class NatsSubscription:
     """A lattice subscription bound to one NATS subscription."""
 
-    __slots__ = ("pattern", "queue", "callback", "first_wild", "active", "_sub", "_lattice")
+    __slots__ = ("pattern", "queue", "callback", "on_status", "first_wild", "active", "_sub", "_lattice")
 
-    def __init__(self, lattice, pattern, callback, queue):
+    def __init__(self, lattice, pattern, callback, queue, on_status=None):
         self._lattice = lattice
         self.pattern = pattern
         self.queue = queue
         self.callback = callback
+        self.on_status = on_status
         self.first_wild = pattern.split(".", 1)[0] in ("*", ">")
         self.active = True
         self._sub = None
@@ -93,17 +105,11 @@ class NatsSubscription:
         return f"<NatsSubscription {self.pattern!r} queue={self.queue!r} active={self.active}>"
 
 
-class _Pending:
-    __slots__ = ("deferred", "timer", "subject", "ack")
-
-    def __init__(self, deferred, timer, subject, ack):
-        self.deferred = deferred
-        self.timer = timer
-        self.subject = subject
-        self.ack = ack
+def _request_timed_out(entry, timeout):
+    return RequestTimeout(f"request timed out after {round(timeout * 1000)}ms (subject {entry.label!r})")
 
 
-@implementer(ILattice)
+@implementer(ILattice, IAddressedDelivery, IClusteredLattice, IConnectionState, IStartable, IBoundedPayload)
 class NatsLattice:
     """``ILattice`` over NATS.
 
@@ -118,7 +124,6 @@ class NatsLattice:
 
     log = Logger(namespace="wsprovider.lattice.nats")
     name = "nats"
-    clustered = True
 
     def __init__(self, client: NatsClient, *, reactor=None, subject_prefix: str = "",
                  service_prefix: str = "_ws", buffer_bytes: int | None = None, own_client: bool = True):
@@ -134,7 +139,11 @@ class NatsLattice:
                            else client.options.pending_buffer_bytes) > 0
         self._inbox_prefix = f"{INBOX_MARK}{secrets.token_hex(8)}."
         self._inbox_ids = itertools.count(1)
-        self._pending: dict[str, _Pending] = {}
+        # inbox -> waiting request; the entry's ``data`` is True for an acknowledged
+        # publish_to_address (an empty reply means "delivered").
+        self._pending = PendingReplies(reactor, timeout_error=_request_timed_out)
+        #: bus statuses (NATS 503) that arrived on a subscription without ``on_status``
+        self.statuses_dropped = 0
         self._inbox_sub = None
         self._closed = False
         self._state_listeners = []
@@ -197,10 +206,23 @@ class NatsLattice:
         d = self.client.when_connected()
         return d.addCallbacks(lambda _: self, lambda f: Failure(self._as_messaging_error(f.value, "connect")))
 
-    def on_state_change(self, listener):
-        """``listener(connected: bool)`` on every connection change; returns a remover."""
+    @property
+    def max_payload(self) -> int:
+        """The NATS server's ``max_payload`` (headers included), known once connected."""
+        return self.client.max_payload
+
+    def add_state_listener(self, listener):
+        """``IConnectionState``: ``listener(connected: bool)`` on every connection change."""
         self._state_listeners.append(listener)
-        return lambda: self._state_listeners.remove(listener)
+
+    def remove_state_listener(self, listener):
+        if listener in self._state_listeners:
+            self._state_listeners.remove(listener)
+
+    def on_state_change(self, listener):
+        """``add_state_listener`` returning its remover."""
+        self.add_state_listener(listener)
+        return lambda: self.remove_state_listener(listener)
 
     def _state_changed(self, old, new):
         if new.value == "reconnecting":
@@ -221,11 +243,7 @@ class NatsLattice:
         if self._closed:
             return defer.succeed(None)
         self._closed = True
-        pending, self._pending = self._pending, {}
-        for p in pending.values():
-            if p.timer.active():
-                p.timer.cancel()
-            p.deferred.errback(NotConnected("the lattice was shut down before a reply arrived"))
+        self._pending.close(NotConnected("the lattice was shut down before a reply arrived"))
         if not self.own_client:  # the shared client lives on: leave nothing of ours on it
             removers, self._client_listener_removers = self._client_listener_removers, []
             for remove in removers:
@@ -281,8 +299,6 @@ class NatsLattice:
         return MessagingError(f"sending to {subject!r} failed: {error}", code="internal_error")
 
     def _mapped(self, d, subject):
-        if d.called and d.result is None:
-            return d
         return d.addErrback(lambda f: Failure(self._as_messaging_error(f.value, subject)))
 
     # -- publish / subscribe ------------------------------------------------------------
@@ -296,14 +312,14 @@ class NatsLattice:
                                 self._outer(reply_to) if reply_to is not None else None)
         return self._mapped(d, msg.subject)
 
-    def subscribe(self, pattern, callback, queue=None):
+    def subscribe(self, pattern, callback, queue=None, on_status=None):
         try:
             check_pattern(pattern)
         except SubjectError as e:
             return defer.fail(MessagingError(str(e), code="bad_subject"))
         if self._closed:
             return defer.fail(NotConnected("the NATS lattice is shut down"))
-        record = NatsSubscription(self, pattern, callback, queue)
+        record = NatsSubscription(self, pattern, callback, queue, on_status)
         d = self.client.subscribe(self._outer(pattern), lambda m: self._dispatch(record, m), queue=queue)
 
         def bound(sub):
@@ -318,6 +334,8 @@ class NatsLattice:
     def _dispatch(self, record, nmsg):
         if not record.active:
             return None
+        if nmsg.status is not None:
+            return self._status(record, nmsg)
         headers = nmsg.headers
         ack_to = None
         if headers is not None and SUBJECT_HEADER in headers and nmsg.subject.startswith(self._session_prefix):
@@ -340,8 +358,7 @@ class NatsLattice:
                 error = MessagingError(f"handler failed: {e}", code="handler_error")
             else:
                 self.log.debug("handler for {subject} refused it: {error}", subject=subject, error=error)
-            if ack_to:
-                self._send_ack(ack_to, error)
+            self._handler_failed(ack_to, nmsg.reply, error)
             return None
         if isinstance(result, defer.Deferred):
             def done(_):
@@ -351,15 +368,44 @@ class NatsLattice:
             def failed(f):
                 error = f.value if isinstance(f.value, MessagingError) else MessagingError(
                     f"handler failed: {f.getErrorMessage()}", code="handler_error")
-                if ack_to:
-                    self._send_ack(ack_to, error)
-                else:
+                if not ack_to:
                     self.log.warn("messaging handler returned an error for {subject}: {error}",
                                   subject=subject, error=f.getErrorMessage())
+                self._handler_failed(ack_to, nmsg.reply, error)
             return result.addCallbacks(done, failed)
         if ack_to:
             self._send_ack(ack_to, None)
         return None
+
+    def _status(self, record, nmsg):
+        """A bus status on a subscription: never data. 503 goes to ``on_status``."""
+        if nmsg.status == _NO_RESPONDERS_STATUS:
+            reply_subject = self._inner(nmsg.subject)
+            error = NoResponders(
+                f"no responders: nothing is subscribed to the subject of a message sent with reply "
+                f"subject {reply_subject!r}, so it reached no one; check the subject, or start the "
+                "component that serves it")
+        else:
+            error = MessagingError(f"NATS status {nmsg.status} on {nmsg.subject!r}: "
+                                   f"{nmsg.description or ''}".rstrip(": "), code="bus_status")
+        if record.on_status is None:
+            self.statuses_dropped += 1
+            self.log.debug("dropped {error} (the subscription on {pattern} takes no statuses)",
+                           error=error, pattern=record.pattern)
+            return None
+        try:
+            record.on_status(error)
+        except Exception:
+            self.log.failure("on_status for {pattern} raised", pattern=record.pattern)
+        return None
+
+    def _handler_failed(self, ack_to, reply, error):
+        if ack_to:
+            self._send_ack(ack_to, error)
+        elif reply and reply.startswith(INBOX_MARK) and not self._closed:
+            # A NatsLattice's requester understands Wsprovider-Error: tell it now
+            # instead of letting it wait for its timeout.
+            self._send_ack(reply, error)
 
     def _send_ack(self, reply, error):
         if error is None:
@@ -398,58 +444,36 @@ class NatsLattice:
         if problem is not None:
             return defer.fail(problem)
         inbox = self.new_inbox()
-
-        def cancel(_):
-            p = self._pending.pop(inbox, None)
-            if p is not None and p.timer.active():
-                p.timer.cancel()
-
-        d = defer.Deferred(cancel)
-
-        def expire():
-            p = self._pending.pop(inbox, None)
-            if p is not None:
-                p.deferred.errback(RequestTimeout(f"request timed out after {timeout_ms}ms (subject {label!r})"))
-
-        timer = self._reactor.callLater(timeout_ms / 1000.0, expire)
-        self._pending[inbox] = _Pending(d, timer, label, ack)
+        d = self._pending.add(inbox, timeout_ms / 1000.0, label=label, data=ack)
         sent = self.client.publish(nats_subject, body, inbox, headers)
-        if sent.called and isinstance(sent.result, Failure):
-            failure = sent.result
+        failure = failure_if_failed(sent)
+        if failure is not None:
             sent.addErrback(lambda _: None)
-            p = self._pending.pop(inbox, None)
-            if p is not None:
-                timer.cancel()
+            self._pending.take(inbox)
             return defer.fail(self._as_messaging_error(failure.value, label))
         return d
 
     def _on_inbox(self, nmsg):
-        p = self._pending.pop(nmsg.subject, None)
+        p = self._pending.take(nmsg.subject)
         if p is None:
             return
-        if p.timer.active():
-            p.timer.cancel()
         headers = nmsg.headers
         if nmsg.status == _NO_RESPONDERS_STATUS and not nmsg.data:
-            if p.ack:
-                p.deferred.errback(NoResponders(f"nothing is subscribed to {p.subject!r}"))
+            if p.data:
+                p.deferred.errback(NoResponders(f"nothing is subscribed to {p.label!r}"))
             else:
-                p.deferred.errback(NoResponders(f"no responders for subject {p.subject!r}"))
+                p.deferred.errback(NoResponders(f"no responders for subject {p.label!r}"))
         elif headers is not None and ERROR_HEADER in headers:
             p.deferred.errback(error_from_code(headers[ERROR_HEADER], nmsg.data.decode("utf-8", "replace")))
-        elif p.ack:
+        elif p.data:
             p.deferred.callback(None)
         else:
-            p.deferred.callback(BrokerMessage(nmsg.subject, nmsg.data,
+            p.deferred.callback(BrokerMessage(self._inner(nmsg.subject), nmsg.data,
                                               self._inner(nmsg.reply) if nmsg.reply else None))
 
     def fail_reply(self, reply_to: str, error: MessagingError) -> bool:
         """Fail the request waiting on ``reply_to``: here, or on another wsprovider instance."""
-        p = self._pending.pop(reply_to, None)
-        if p is not None:
-            if p.timer.active():
-                p.timer.cancel()
-            p.deferred.errback(error)
+        if self._pending.fail(reply_to, error):
             return True
         if reply_to.startswith(INBOX_MARK) and not self._closed:
             d = self.client.publish(reply_to, str(error).encode("utf-8"), headers={ERROR_HEADER: error.code})

@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._defer import failure_if_failed
 from .._version import __version__
 from .auth import Credentials
 from .errors import (
@@ -586,7 +587,7 @@ class NatsClient(Service):
         self._next_request += 1
         token = str(self._next_request)
         published = self.publish(subject, payload, self._inbox_prefix + token, headers)
-        if published.called and isinstance(published.result, Failure):
+        if failure_if_failed(published) is not None:
             return published
         response = Deferred(lambda _: self._forget_request(token))
         timer = self.reactor.callLater(timeout, self._request_timed_out, token, subject, timeout)
