@@ -110,7 +110,12 @@ class WebSocketMessagingProvider(service.MultiService):
         self._ready.addErrback(self._start_failed)
 
     def _start_failed(self, failure):
-        self.log.failure("wsprovider could not start", failure)
+        from .startup import describe_start_failure
+        why = describe_start_failure(failure, self.config)  # one line naming the setting to change
+        if why is None:
+            self.log.failure("wsprovider could not start", failure)
+        else:
+            self.log.critical("wsprovider could not start: {why}", why=why)
         return failure
 
     def when_ready(self):
