@@ -400,6 +400,9 @@ class ProviderConfig:
             uri = self.uri
             if uri and not (uri.startswith("ws://") or uri.startswith("wss://")):
                 raise ConfigError(f"URI: {uri!r} is not a WebSocket URL; in client mode accepted values: ws://host:port/path or wss://...")
+        if self.mode == "server":
+            from .endpoints import check_server_uri_path
+            check_server_uri_path(self.uri, self.ws_path)
         if 0 < self.ping_interval_sec < 1:
             raise ConfigError(f"PING_INTERVAL_SEC: {self.ping_interval_sec:g} is out of range; accepted values: 0 (off) "
                               "or 1 to 3600 (Autobahn's timers have one-second granularity)")
