@@ -73,6 +73,8 @@ export interface Events {
   welcome: Session;
   message: Message;
   error: WsproviderError;
+  /** A subscription is live at the service (again after every reconnect). */
+  subscribed: string;
   close: { code: number; reason: string; willReconnect: boolean };
 }
 

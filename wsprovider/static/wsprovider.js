@@ -310,7 +310,8 @@ export function backoffDelay(attempt, minDelay, maxDelay, random = Math.random) 
  * Events (client.on(name, fn) returns a function that removes fn):
  *   "state" {state, previous}; "welcome" session; "message" Message (not matched by any
  *   subscription: to this session's address, broadcasts); "error" WsproviderError (error
- *   frames not tied to a request); "close" {code, reason, willReconnect}.
+ *   frames not tied to a request); "subscribed" pattern (live at the service, again after
+ *   each reconnect); "close" {code, reason, willReconnect}.
  */
 export class Client {
   constructor(url, options = {}) {
@@ -586,6 +587,7 @@ export class Client {
     if (!sub) return;
     sub.acked = true;
     for (const w of sub.waiters.splice(0)) w.resolve();
+    this._emit("subscribed", pattern);
   }
 
   _failSubscribeWaiters(id, error) {
