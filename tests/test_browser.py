@@ -205,3 +205,58 @@ class ConsoleInBrowserTests(unittest.TestCase):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "console.png"), "wb") as f:
             f.write(png)
+
+
+def _read(*parts):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, *parts), encoding="utf-8") as f:
+        return f.read()
+
+
+class DocumentedExamplesInBrowserTests(unittest.TestCase):
+    """The README's plain-WebSocket snippet and docs/browser.rst's SDK example, as written,
+    in a page of a service started like the README's first command (echo on echo.>)."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.browser = yield Browser.launch(self)
+        self.provider = yield start_provider(self, handlers=[("echo", echo, {"SUBSCRIPTIONS": "echo.>"})])
+        self.page = yield self.browser.open(f"http://127.0.0.1:{self.provider.port}/")
+        yield self.page.evaluate("window.logged = []; console.log = (...args) => { logged.push(args);"
+                                 " document.title = 'logged ' + logged.length; };")
+
+    def _here(self, code):
+        return code.replace("127.0.0.1:8080", f"127.0.0.1:{self.provider.port}")
+
+    @defer.inlineCallbacks
+    def test_readme_new_websocket_snippet(self):
+        text = _read("README.rst")
+        block = text[text.index("With no SDK at all"):].split("::\n\n", 1)[1]
+        lines = [line[4:] for line in block.splitlines()[:5]]
+        self.assertIn("new WebSocket", lines[0])
+        code, later = lines[:3], [line.split(":", 1)[1] for line in lines[3:]]
+        yield self.page.evaluate(self._here("\n".join(code)))
+        seen = "(type) => logged.some(([f]) => f && f.type === type)"
+        yield self.page.run(f"const seen = {seen}; await __waitUntil(() => seen('welcome') && seen('subscribed'), {WAIT_MS}, 'welcome');")
+        yield self.page.evaluate("\n".join(later))
+        got = yield self.page.run(f"const seen = {seen}; await __waitUntil(() => seen('message') && seen('reply'), {WAIT_MS}, 'message and reply');"
+                                  "return logged.map(([f]) => f);")
+        self.assertIn({"type": "message", "subject": "chat.room1", "body": "hi all",
+                       "reply_to": next(f["reply_to"] for f in got if f["type"] == "welcome")}, got)
+        self.assertEqual(next(f for f in got if f["type"] == "reply")["body"], "ping")
+
+    @defer.inlineCallbacks
+    def test_docs_browser_sdk_example(self):
+        text = _read("docs", "browser.rst")
+        block = text.split('<script type="module">\n', 1)[1].split("</script>", 1)[0]
+        code = "\n".join(line.strip() for line in block.splitlines())
+        self.assertEqual(len(code.strip().splitlines()), 10)
+        code = code.replace('import { connect } from "/sdk/wsprovider.js";',
+                            'const { connect } = await import("/sdk/wsprovider.js");')
+        yield self.page.run(code)
+        logged = yield self.page.run(f"await __waitUntil(() => logged.some(([a]) => a === 'chat.room1'), {WAIT_MS}, 'chat');"
+                                     "return logged;")
+        self.assertIn(["echo said", "ping"], logged)
+        self.assertTrue(any(entry[0] == "chat.room1" and entry[1].startswith("hi from ") for entry in logged), logged)
