@@ -139,6 +139,19 @@ class StartupFailureTests(unittest.TestCase):
         self.assertIn("--uri (URI): cannot load the TLS key or certificate", text)
 
     @defer.inlineCallbacks
+    def test_nats_required_at_start_and_unreachable_names_nats_url(self):
+        from .natsserver import free_port
+        url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+        out, err, code = yield twistd("-n", "--pidfile=", "wsprovider", "--uri=tcp:0:interface=127.0.0.1",
+                                      f"--nats={url}", "--nats-startup-timeout-sec=0.5")
+        text = (out + err).decode()
+        self.assertNotEqual(code, 0, text)
+        self.assertNotIn("Traceback", text)
+        lines = [line for line in text.splitlines() if "could not start" in line]
+        self.assertEqual(len(lines), 1, text)
+        self.assertIn(f"--nats-url (NATS_URL): cannot reach NATS at {url} within 0.5 s", lines[0])
+
+    @defer.inlineCallbacks
     def test_failing_handler_factory_is_one_line(self):
         out, err, code = yield twistd("-n", "--pidfile=", "wsprovider", "--handler=builtins:len")
         text = (out + err).decode()

@@ -276,6 +276,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NATS_BUFFER_BYTES", 1024 * 1024, integer(0, 1024 * 1024 * 1024),
             "NATS: bytes of publishes held while NATS is unreachable and sent when it is back; when full, "
             "publishes fail with buffer_full (0: no buffering, they fail with not_connected).", group=NATS),
+    Setting("NATS_STARTUP_TIMEOUT_SEC", 0.0, number(0, 3600),
+            "twistd: how long to wait at start for the first NATS connection before exiting with an error "
+            "naming NATS_URL (0: do not wait; start at once and keep connecting in the background, "
+            "/readyz says 503 meanwhile).", group=NATS),
     Setting("INSTANCE_ID", None, text,
             "Name of this instance in a cluster (list_sessions, events); default: a random id.", group=NATS),
     Setting("SESSION_EVENTS", False, parse_bool,

@@ -86,3 +86,10 @@ def _came_from_endpoint_parsing(failure: Failure) -> bool:
 def _short(error) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]
+
+
+def describe_nats_unreachable(config) -> str:
+    """NATS required at start (NATS_STARTUP_TIMEOUT_SEC) and not reached in time."""
+    return (f"--nats-url (NATS_URL): cannot reach NATS at {config.nats_url} within "
+            f"{config.nats_startup_timeout_sec:g} s; start nats-server there or fix --nats-url "
+            "(or set --nats-startup-timeout-sec=0 to start anyway and keep connecting in the background)")

@@ -6,6 +6,7 @@ plain Python too.
 
 from __future__ import annotations
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from .config import CLIENT, ESSENTIALS, GROUPS, SETTINGS, ConfigError, ProviderConfig
@@ -45,6 +46,7 @@ Examples:
 # Options that are not rows of the settings table, and the group they are listed in.
 _EXTRA_GROUPS = {"handler": ESSENTIALS, "nats": ESSENTIALS, "header": CLIENT}
 HELP_HINT = "see `twistd wsprovider --help`"
+_log = Logger(namespace="wsprovider")
 
 
 class Options(usage.Options):
@@ -175,7 +177,38 @@ def _exit_if_start_fails(reactor, provider):
     def failed(failure):
         _exit_status_at_end(1)
         reactor.stop()
-    provider.when_ready().addErrback(failed)
+    ready = provider.when_ready()
+    ready.addCallback(lambda _: _wait_for_nats(reactor, provider))
+    ready.addErrback(failed)
+
+
+def _wait_for_nats(reactor, provider):
+    """NATS_STARTUP_TIMEOUT_SEC > 0: the first NATS connection must come within that time, or
+    the process exits naming NATS_URL (instead of running on, disconnected)."""
+    from twisted.internet import defer
+
+    from .lattice.nats import NatsLattice
+    from .startup import describe_nats_unreachable
+    config = provider.config
+    timeout = config.nats_startup_timeout_sec
+    if not timeout or not isinstance(provider.lattice, NatsLattice) or provider.lattice.connected:
+        return None
+    waiting = provider.lattice.when_connected()
+    waiting.addErrback(lambda _: None)  # stopped meanwhile: the timeout below decides
+    outcome = defer.Deferred()
+
+    def connected(_):
+        if not outcome.called:
+            timer.cancel()
+            outcome.callback(None)
+
+    def too_late():
+        if not outcome.called:
+            _log.critical("wsprovider could not start: {why}", why=describe_nats_unreachable(config))
+            outcome.errback(RuntimeError("NATS not reached in time"))
+    timer = reactor.callLater(timeout, too_late)
+    waiting.addCallback(connected)
+    return outcome
 
 
 def _exit_status_at_end(status: int):
