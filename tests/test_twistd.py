@@ -137,6 +137,15 @@ class StartupFailureTests(unittest.TestCase):
         self.assertNotEqual(code, 0, text)
         self.assertNotIn("Traceback", text)
         self.assertIn("--uri (URI): cannot load the TLS key or certificate", text)
+        garbage = os.path.abspath(self.mktemp())
+        with open(garbage, "w") as f:
+            f.write("not a PEM file\n")
+        out, err, code = yield twistd("-n", "--pidfile=", "wsprovider",
+                                      f"--uri=ssl:0:privateKey={garbage}:certKey={garbage}")
+        text = (out + err).decode()
+        self.assertNotEqual(code, 0, text)
+        self.assertNotIn("Traceback", text)
+        self.assertIn("--uri (URI): cannot load the TLS key or certificate", text)
 
     @defer.inlineCallbacks
     def test_nats_required_at_start_and_unreachable_names_nats_url(self):

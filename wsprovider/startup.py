@@ -73,10 +73,11 @@ def _is_tls_error(error) -> bool:
     if isinstance(error, OSError) and getattr(error, "filename", None):
         return True
     try:
-        from OpenSSL.SSL import Error as OpenSSLError
+        from OpenSSL.crypto import Error as CryptoError
+        from OpenSSL.SSL import Error as SSLError
     except ImportError:  # pragma: no cover - twisted[tls] brings pyOpenSSL
         return False
-    return isinstance(error, OpenSSLError)
+    return isinstance(error, (SSLError, CryptoError))
 
 
 def _came_from_endpoint_parsing(failure: Failure) -> bool:
