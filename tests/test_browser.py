@@ -8,8 +8,9 @@ and the console at / exchanging messages with a second tab (with a screenshot).
 """
 
 import os
+import sys
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -211,6 +212,74 @@ def _read(*parts):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, *parts), encoding="utf-8") as f:
         return f.read()
+
+
+class _Twistd(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = b""
+        self.listening = defer.Deferred()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+        if not self.listening.called and b"wsprovider listening" in self.output:
+            self.listening.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(None)
+
+
+class ReadmeFirstCommandInBrowserTests(unittest.TestCase):
+    """The README's first command (its twistd part, as written, plus only a free port instead
+    of 8080), then the console in two tabs: they exchange messages; a screenshot is kept."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_console_of_the_readme_service_chats_between_two_tabs(self):
+        import shlex
+        from twisted.internet import reactor
+        first_line = next(line for line in _read("README.rst").splitlines() if "twistd -n wsprovider" in line)
+        args = shlex.split(first_line.split("&&", 1)[1])
+        self.assertEqual(args[:3], ["twistd", "-n", "wsprovider"])
+        port = free_port()
+        process = _Twistd()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        argv = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+                "-n", "--pidfile=", *args[2:], f"--uri=127.0.0.1:{port}"]
+        transport = reactor.spawnProcess(process, sys.executable, argv, env=dict(os.environ, PYTHONPATH=root), path=root)
+
+        def stop():
+            if not process.ended.called:
+                transport.signalProcess("TERM")
+            return process.ended
+        self.addCleanup(stop)
+        yield process.listening
+        browser = yield Browser.launch(self)
+        url = f"http://127.0.0.1:{port}/"
+        tabs = [(yield browser.open(url)), (yield browser.open(url))]
+        for tab in tabs:
+            yield tab.run(f"await __waitUntil(() => document.getElementById('state').textContent === 'open', {WAIT_MS}, 'open');")
+        first, second = tabs
+        log_has = "await __waitUntil(() => document.getElementById('log').textContent.includes(%r), %d, %r);"
+        yield first.run("document.getElementById('subscribe').click();" + log_has % ("subscribed chat.>", WAIT_MS, "subscribed"))
+        yield second.run("document.getElementById('subscribe').click();" + log_has % ("subscribed chat.>", WAIT_MS, "subscribed"))
+        yield second.run("document.getElementById('pub-body').value = 'hello from tab 2'; document.getElementById('publish').click();")
+        yield first.run(log_has % ('"hello from tab 2"', WAIT_MS, "tab 2's message"))
+        yield first.run("document.getElementById('pub-body').value = 'hi back from tab 1'; document.getElementById('publish').click();")
+        yield second.run(log_has % ('"hi back from tab 1"', WAIT_MS, "tab 1's message"))
+        yield first.run("document.getElementById('request').click();" + log_has % ('reply from echo.q: "ping"', WAIT_MS, "echo"))
+        png = yield first.screenshot()
+        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+        self.assertGreater(len(png), 20000)
+        out = os.environ.get("WSPROVIDER_SCREENSHOT_DIR") or os.path.abspath(self.mktemp())
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "console-readme.png"), "wb") as f:
+            f.write(png)
 
 
 class DocumentedExamplesInBrowserTests(unittest.TestCase):
