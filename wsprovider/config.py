@@ -182,9 +182,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MODE", "server", choice("server", "client"),
             "server: accept WebSocket clients; client: connect out to a WebSocket server.", group=ESSENTIALS),
     Setting("URI", None, text,
-            "Server mode: where to listen, as host:port (0.0.0.0:8080) or a Twisted endpoint "
+            "Server mode: where to listen, as host:port (0.0.0.0:8080 for every interface; a bare port "
+            "listens on loopback, as the default does) or a Twisted endpoint "
             "(tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem); "
-            "default tcp:8080:interface=127.0.0.1. Client mode: the ws:// or wss:// URL to connect to.", group=ESSENTIALS),
+            "default tcp:8080:interface=127.0.0.1. A ws:// URL may name no path but WS_PATH. "
+            "Client mode: the ws:// or wss:// URL to connect to.", group=ESSENTIALS),
     Setting("AUTH_TOKEN", None, text,
             "Client mode: sent as 'Authorization: Bearer <token>'. Server mode: required from peers.", group=ESSENTIALS),
     Setting("CONNECT_TIMEOUT_SEC", 30.0, number(0.1, 3600),
