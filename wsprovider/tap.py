@@ -40,7 +40,9 @@ Examples:
     twistd -n wsprovider --mode=client --uri ws://example.com:8080/feed --handler wsprovider.handlers:echo
   on a NATS bus (wasmCloud 2.x components reach sessions at _ws.session.<id>):
     twistd -n wsprovider --nats nats://127.0.0.1:4222
-  wasmCloud: run `wash dev` against the same NATS (docs/nats.rst has the walkthrough).
+  wasmCloud 2.x: `wash dev` on the same NATS runs your component; it reaches a browser by
+  publishing to the session's address (docs/nats.rst walks through it, with an echo component):
+    HOME=/tmp/echo/home wash -C /tmp/echo/proj --non-interactive dev
 """
 
 # Options that are not rows of the settings table, and the group they are listed in.

@@ -275,9 +275,9 @@ def make_site(factory, ws_path: str = "ws", provider=None, metrics=None) -> Site
     """The server-mode site: WebSocket at ``/<ws_path>``, the SDK at ``/sdk/``; with ``provider``,
     also ``/healthz``, ``/readyz``, ``/admin/sessions`` and (``CONSOLE``) the console at ``/``;
     with ``metrics`` (``ProviderMetrics``), ``/metrics``."""
-    config = provider.config if provider is not None else getattr(factory, "config", None)
+    config = provider.config if provider is not None else factory.config
     console = provider is not None and console_enabled(config)
-    server_header = (config.server_header if config is not None else "wsprovider").encode("latin-1", "replace")
+    server_header = config.server_header.encode("latin-1", "replace")
     factory.server = server_header.decode("latin-1")  # Autobahn's handshake responses
     root = Root(ws_path, console=console)
     root.putChild(ws_path.strip("/").encode(), MessagingWebSocketResource(factory))
