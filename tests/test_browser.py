@@ -150,6 +150,16 @@ class SdkInBrowserTests(unittest.TestCase):
         self.assertEqual(state, "open")
 
     @defer.inlineCallbacks
+    def test_token_from_the_options(self):
+        provider = yield self.start({"AUTH_TOKEN": "browser-token"})
+        _, session = yield self.page(provider, "{token: 'browser-token'}")
+        self.assertEqual([s["session_id"] for s in provider.list_sessions()], [session["id"]])
+        page = yield self.browser.open(f"http://127.0.0.1:{provider.port}/")
+        with self.assertRaises(JavaScriptError):
+            yield page.run(connect_js("{token: 'wrong', maxAttempts: 0}"))
+        self.assertEqual(len(provider.list_sessions()), 1)
+
+    @defer.inlineCallbacks
     def test_refused_origin(self):
         provider = yield self.start({"ALLOWED_ORIGINS": "https://app.example.com"})
         page = yield self.browser.open(f"http://127.0.0.1:{provider.port}/")
