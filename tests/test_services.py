@@ -134,10 +134,18 @@ class ListeningFailureTests(unittest.TestCase):
         port = taken.getsockname()[1]
         provider = WebSocketMessagingProvider(ProviderConfig.from_mapping(
             {"MODE": "server", "URI": f"tcp:{port}:interface=127.0.0.1"}))
+        from twisted.logger import globalLogPublisher
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         provider.startService()
         self.addCleanup(provider.shutdown)
         error = yield self.assertFailure(provider.when_ready(), CannotListenError)
         self.assertIn(str(port), str(error))
         self.assertFalse(provider.is_ready())
-        # "wsprovider could not start", and no "Unhandled Error" beside it.
-        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+        # One "wsprovider could not start" line naming the setting, no traceback, and no
+        # "Unhandled Error" beside it.
+        said = [e for e in events if "could not start" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1)
+        self.assertIn("--uri", said[0]["why"])
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 0)

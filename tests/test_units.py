@@ -153,6 +153,19 @@ class ConfigTests(unittest.TestCase):
         for bad in ("host:port", "wss://x", "nonsense"):
             self.assertRaises(ConfigError, server_endpoint_description, bad)
 
+    def test_a_bare_port_binds_loopback_like_the_default(self):
+        self.assertEqual(server_endpoint_description("8081"), "tcp:8081:interface=127.0.0.1")
+        self.assertEqual(server_endpoint_description("ws://:8081"), "tcp:8081:interface=127.0.0.1")
+
+    def test_a_server_uri_path_must_be_the_ws_path(self):
+        with self.assertRaises(ConfigError) as caught:
+            ProviderConfig.from_mapping({"URI": "ws://127.0.0.1:8081/chat"})
+        self.assertIn("set WS_PATH=chat (--ws-path chat)", str(caught.exception))
+        for fine in ({"URI": "ws://127.0.0.1:8081/ws"}, {"URI": "ws://127.0.0.1:8081/"},
+                     {"URI": "ws://127.0.0.1:8081/chat", "WS_PATH": "chat"},
+                     {"MODE": "client", "URI": "ws://127.0.0.1:8081/chat"}):
+            ProviderConfig.from_mapping(fine)
+
 
 class LocalLatticeTests(unittest.TestCase):
     def setUp(self):

@@ -27,6 +27,7 @@ class Setting:
     parse: Callable[[str, Any], Any] = attr.ib()
     help: str = attr.ib()
     accepted: str = attr.ib(default="")
+    group: str = attr.ib(default="other")   # a key of GROUPS: where --help and docs/settings.rst list it
 
     @property
     def attr_name(self) -> str:
@@ -159,168 +160,194 @@ def _split(raw) -> list:
 
 # -- the table ------------------------------------------------------------------------
 
+# Concerns the settings are grouped by in ``--help`` and docs/settings.rst, essentials first.
+ESSENTIALS, SERVER, CLIENT, NATS, SECURITY, SUBJECTS, LIMITS, OTHER = (
+    "essentials", "server", "client", "nats", "security", "subjects", "limits", "other")
+GROUPS = {
+    ESSENTIALS: "Essentials",
+    SERVER: "Server mode",
+    CLIENT: "Client mode",
+    NATS: "NATS lattice and clusters",
+    SECURITY: "Authentication and origins",
+    SUBJECTS: "Subjects and permissions",
+    LIMITS: "Limits and timing",
+    OTHER: "Other settings",
+}
+
 # Subjects no WebSocket peer can reach unless the operator says otherwise.
 SYSTEM_SUBJECTS = ("$SYS.>", "_INBOX.>", "$JS.>", "$KV.>", "$O.>", "runtime.>", "wasmbus.>")
 
 SETTINGS: tuple[Setting, ...] = (
     # The seed's keys.
     Setting("MODE", "server", choice("server", "client"),
-            "server: accept WebSocket clients; client: connect out to a WebSocket server."),
+            "server: accept WebSocket clients; client: connect out to a WebSocket server.", group=ESSENTIALS),
     Setting("URI", None, text,
-            "Server mode: where to listen, as host:port (0.0.0.0:8080) or a Twisted endpoint "
+            "Server mode: where to listen, as host:port (0.0.0.0:8080 for every interface; a bare port "
+            "listens on loopback, as the default does) or a Twisted endpoint "
             "(tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem); "
-            "default tcp:8080:interface=127.0.0.1. Client mode: the ws:// or wss:// URL to connect to."),
+            "default tcp:8080:interface=127.0.0.1. A ws:// URL may name no path but WS_PATH. "
+            "Client mode: the ws:// or wss:// URL to connect to.", group=ESSENTIALS),
     Setting("AUTH_TOKEN", None, text,
-            "Client mode: sent as 'Authorization: Bearer <token>'. Server mode: required from peers."),
+            "Client mode: sent as 'Authorization: Bearer <token>'. Server mode: required from peers.", group=ESSENTIALS),
     Setting("CONNECT_TIMEOUT_SEC", 30.0, number(0.1, 3600),
-            "Client mode: bound on each connection attempt, opening handshake included."),
+            "Client mode: bound on each connection attempt, opening handshake included.", group=CLIENT),
     Setting("ENABLE_SESSION_TRACKING", True, parse_bool,
-            "Keep a registry of sessions for targeted sends, listing and request/reply."),
+            "Keep a registry of sessions for targeted sends, listing and request/reply.", group=SERVER),
     # Ours: limits and timing.
     Setting("MAX_MESSAGE_SIZE", 65536, integer(64, 64 * 1024 * 1024),
-            "Largest inbound WebSocket message in bytes; a larger one closes the session with 1009."),
+            "Largest inbound WebSocket message in bytes; a larger one closes the session with 1009.", group=LIMITS),
     Setting("OUTBOUND_BUFFER_BYTES", 1024 * 1024, integer(1024, 1024 * 1024 * 1024),
             "Per-session bound on bytes waiting to be written; over it the session is closed "
-            "with 4008 (slow consumer)."),
+            "with 4008 (slow consumer).", group=LIMITS),
     Setting("PING_INTERVAL_SEC", 25.0, number(0, 3600),
             "Server pings each idle session this often (0: off; otherwise at least 1: Autobahn's "
-            "timers have one-second granularity)."),
+            "timers have one-second granularity).", group=LIMITS),
     Setting("PING_TIMEOUT_SEC", 20.0, number(2, 3600),
             "A session that does not answer a ping within this time is dropped (at least 2: Autobahn "
-            "rounds its timers down to whole seconds, so the wait is between this minus 1 and this)."),
+            "rounds its timers down to whole seconds, so the wait is between this minus 1 and this).", group=LIMITS),
     Setting("REQUEST_TIMEOUT_MS", 5000, integer(1, 3_600_000),
-            "Timeout of a peer's request frame that does not set timeout_ms."),
+            "Timeout of a peer's request frame that does not set timeout_ms.", group=LIMITS),
     Setting("MAX_REQUEST_TIMEOUT_MS", 60000, integer(1, 3_600_000),
-            "Upper bound on any peer-requested timeout_ms."),
+            "Upper bound on any peer-requested timeout_ms.", group=LIMITS),
     Setting("MAX_SUBSCRIPTIONS", 100, integer(0, 100000),
-            "Subscriptions one session may hold."),
+            "Subscriptions one session may hold.", group=LIMITS),
     # Ours: subjects and permissions.
     Setting("SUBJECT_PREFIX", "_ws", subject_token,
             "Prefix of the service's own subjects: sessions at <prefix>.session.<id>, "
-            "broadcast at <prefix>.broadcast.<subject>."),
+            "broadcast at <prefix>.broadcast.<subject>.", group=SUBJECTS),
     Setting("PUBLISH_ALLOW", (">",), pattern_list,
-            "Subject patterns WebSocket peers may publish to (comma-separated)."),
+            "Subject patterns WebSocket peers may publish to (comma-separated).", group=SUBJECTS),
     Setting("PUBLISH_DENY", (), pattern_list,
             "Extra subject patterns peers may not publish to (system subjects are always denied "
-            "unless ALLOW_SYSTEM_SUBJECTS is true)."),
+            "unless ALLOW_SYSTEM_SUBJECTS is true).", group=SUBJECTS),
     Setting("SUBSCRIBE_ALLOW", (">",), pattern_list,
-            "Subject patterns WebSocket peers may subscribe to."),
+            "Subject patterns WebSocket peers may subscribe to.", group=SUBJECTS),
     Setting("SUBSCRIBE_DENY", (), pattern_list,
-            "Extra subject patterns peers may not subscribe to."),
+            "Extra subject patterns peers may not subscribe to.", group=SUBJECTS),
     Setting("ALLOW_SYSTEM_SUBJECTS", False, parse_bool,
-            "Let peers reach system subjects ($SYS.>, _INBOX.>, $JS.>, $KV.>, runtime.>, wasmbus.>)."),
+            "Let peers reach system subjects ($SYS.>, _INBOX.>, $JS.>, $KV.>, runtime.>, wasmbus.>).", group=SUBJECTS),
     Setting("SUBSCRIPTIONS", (">",), pattern_list,
-            "Handler links: the subjects a linked handler receives (default: everything peers send)."),
+            "Handler links: the subjects a linked handler receives (default: everything peers send).", group=ESSENTIALS),
+    Setting("CONSOLE", "auto", choice("auto", "on", "off"),
+            "Server mode: the browser console at / (publish, subscribe, requests; sessions with ADMIN_TOKEN). "
+            "auto: on when listening on loopback only (the default URI), off otherwise; on; off.", group=ESSENTIALS),
+    Setting("SERVER_HEADER", "wsprovider", nonempty_text,
+            "Server mode: the HTTP Server header (and WebSocket handshake Server header); no version is "
+            "disclosed unless you put one here.", group=SERVER),
     Setting("WS_PATH", "ws", nonempty_text,
-            "Server mode: the URL path of the WebSocket endpoint (without slashes)."),
+            "Server mode: the URL path of the WebSocket endpoint (without slashes).", group=SERVER),
     # Client mode.
     Setting("WIRE_MODE", "auto", choice("auto", "envelope", "raw"),
             "Client mode: auto offers the wsprovider.v1.json subprotocol and speaks the envelope if the "
             "server accepts it, plain frames otherwise; envelope insists on it; raw offers none "
-            "(text frames are subject 'message', binary frames 'binary.message')."),
+            "(text frames are subject 'message', binary frames 'binary.message').", group=CLIENT),
     Setting("RECONNECT_MIN_SEC", 0.5, number(0.001, 3600),
             "Client mode: base of the reconnect backoff; attempt n waits a random time in "
-            "0..min(RECONNECT_MAX_SEC, RECONNECT_MIN_SEC * 2^n) (full jitter)."),
+            "0..min(RECONNECT_MAX_SEC, RECONNECT_MIN_SEC * 2^n) (full jitter).", group=CLIENT),
     Setting("RECONNECT_MAX_SEC", 30.0, number(0.001, 86400),
-            "Client mode: cap on one reconnect delay."),
+            "Client mode: cap on one reconnect delay.", group=CLIENT),
     Setting("RECONNECT_MAX_ATTEMPTS", 0, integer(0, 1_000_000_000),
             "Client mode: consecutive failed attempts after which a link gives up (state 'failed'); "
-            "0: never give up."),
+            "0: never give up.", group=CLIENT),
     Setting("CA_BUNDLE", None, text,
             "Client mode, wss://: PEM file of the CA certificates to trust instead of the system's. "
-            "Server certificates are always verified."),
+            "Server certificates are always verified.", group=CLIENT),
     Setting("OFFLINE_BUFFER_BYTES", 1024 * 1024, integer(0, 1024 * 1024 * 1024),
             "Client mode: bytes of messages held while a link is down and sent in order when it is back; "
-            "when full, publish fails with buffer_full (0: no buffering)."),
+            "when full, publish fails with buffer_full (0: no buffering).", group=CLIENT),
     Setting("OUTBOUND_SUBJECTS", (), pattern_list,
             "Client mode: lattice subject patterns forwarded to the remote server over the link "
-            "(e.g. 'out.>'); empty: only what components publish through the provider or to the link's address."),
+            "(e.g. 'out.>'); empty: only what components publish through the provider or to the link's address.", group=CLIENT),
     Setting("REMOTE_SUBSCRIPTIONS", (), pattern_list,
             "Client mode, envelope wire: subject patterns the link subscribes to at the remote wsprovider "
-            "server on every (re)connect."),
+            "server on every (re)connect.", group=CLIENT),
     # NATS lattice.
     Setting("NATS_URL", None, text,
             "NATS server URL(s), comma-separated (nats://, tls://); set: components and other instances "
-            "live on this NATS bus (wasmCloud 2.x messaging); empty: the embedded lattice. Also --nats."),
+            "live on this NATS bus (wasmCloud 2.x messaging); empty: the embedded lattice. Also --nats.", group=ESSENTIALS),
     Setting("NATS_SUBJECT_PREFIX", "", optional_subject,
             "Prefix applied on NATS to the subjects peers and handlers use (chat.x is <prefix>.chat.x on "
-            "NATS); never to subjects whose first token starts with _ or $ (session addresses, inboxes)."),
-    Setting("NATS_CREDS", None, text, "NATS: path of a .creds file (JWT + nkey seed)."),
-    Setting("NATS_TOKEN", None, text, "NATS: authentication token."),
-    Setting("NATS_USER", None, text, "NATS: user name (with NATS_PASSWORD)."),
-    Setting("NATS_PASSWORD", None, text, "NATS: password."),
-    Setting("NATS_TLS_CA", None, text, "NATS, tls://: PEM file of the CA certificates to trust."),
-    Setting("NATS_TLS_CERT", None, text, "NATS: client certificate (PEM) for mutual TLS."),
-    Setting("NATS_TLS_KEY", None, text, "NATS: key of NATS_TLS_CERT (PEM)."),
+            "NATS); never to subjects whose first token starts with _ or $ (session addresses, inboxes).", group=NATS),
+    Setting("NATS_CREDS", None, text, "NATS: path of a .creds file (JWT + nkey seed).", group=NATS),
+    Setting("NATS_TOKEN", None, text, "NATS: authentication token.", group=NATS),
+    Setting("NATS_USER", None, text, "NATS: user name (with NATS_PASSWORD).", group=NATS),
+    Setting("NATS_PASSWORD", None, text, "NATS: password.", group=NATS),
+    Setting("NATS_TLS_CA", None, text, "NATS, tls://: PEM file of the CA certificates to trust.", group=NATS),
+    Setting("NATS_TLS_CERT", None, text, "NATS: client certificate (PEM) for mutual TLS.", group=NATS),
+    Setting("NATS_TLS_KEY", None, text, "NATS: key of NATS_TLS_CERT (PEM).", group=NATS),
     Setting("NATS_BUFFER_BYTES", 1024 * 1024, integer(0, 1024 * 1024 * 1024),
             "NATS: bytes of publishes held while NATS is unreachable and sent when it is back; when full, "
-            "publishes fail with buffer_full (0: no buffering, they fail with not_connected)."),
+            "publishes fail with buffer_full (0: no buffering, they fail with not_connected).", group=NATS),
+    Setting("NATS_STARTUP_TIMEOUT_SEC", 0.0, number(0, 3600),
+            "twistd: how long to wait at start for the first NATS connection before exiting with an error "
+            "naming NATS_URL (0: do not wait; start at once and keep connecting in the background, "
+            "/readyz says 503 meanwhile).", group=NATS),
     Setting("INSTANCE_ID", None, text,
-            "Name of this instance in a cluster (list_sessions, events); default: a random id."),
+            "Name of this instance in a cluster (list_sessions, events); default: a random id.", group=NATS),
     Setting("SESSION_EVENTS", False, parse_bool,
-            "Publish a JSON event when a session joins or leaves (SESSION_JOINED_SUBJECT, SESSION_LEFT_SUBJECT)."),
+            "Publish a JSON event when a session joins or leaves (SESSION_JOINED_SUBJECT, SESSION_LEFT_SUBJECT).", group=NATS),
     Setting("SESSION_JOINED_SUBJECT", None, optional_subject,
-            "Subject of session-joined events; default <SUBJECT_PREFIX>.events.session.joined."),
+            "Subject of session-joined events; default <SUBJECT_PREFIX>.events.session.joined.", group=NATS),
     Setting("SESSION_LEFT_SUBJECT", None, optional_subject,
-            "Subject of session-left events; default <SUBJECT_PREFIX>.events.session.left."),
+            "Subject of session-left events; default <SUBJECT_PREFIX>.events.session.left.", group=NATS),
     Setting("CLUSTER_HEARTBEAT_SEC", 2.0, number(0.05, 3600),
             "NATS: how often each instance announces itself on <SUBJECT_PREFIX>.ctl.heartbeat; an instance "
-            "silent for 3 intervals is considered gone."),
+            "silent for 3 intervals is considered gone.", group=NATS),
     Setting("CLUSTER_LIST_TIMEOUT_MS", 1000, integer(1, 60000),
-            "Bound on a cluster-wide list_sessions: how long to wait for instances to answer."),
+            "Bound on a cluster-wide list_sessions: how long to wait for instances to answer.", group=NATS),
     # Hardening (server mode; see docs/operations.rst).
     Setting("AUTH_TOKENS", (), string_list,
             "Server mode: comma-separated tokens, any of which a peer may present (as may AUTH_TOKEN) as "
-            "'Authorization: Bearer <token>' or ?token=<token>; otherwise the upgrade is refused with 401."),
+            "'Authorization: Bearer <token>' or ?token=<token>; otherwise the upgrade is refused with 401.", group=SECURITY),
     Setting("JWT_SECRET", None, text,
-            "Server mode: HMAC secret; peers may present a JWT signed with it (HS256, HS384, HS512)."),
+            "Server mode: HMAC secret; peers may present a JWT signed with it (HS256, HS384, HS512).", group=SECURITY),
     Setting("JWT_PUBLIC_KEY", None, text,
             "Server mode: path of a PEM public key; peers may present a JWT signed with its private key "
-            "(RS256, ES256, ...)."),
+            "(RS256, ES256, ...).", group=SECURITY),
     Setting("JWT_ALGORITHMS", (), choice_list("HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
                                               "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"),
             "Server mode: accepted JWT algorithms (default: HS256 with JWT_SECRET; RS256, ES256 with "
-            "JWT_PUBLIC_KEY)."),
+            "JWT_PUBLIC_KEY).", group=SECURITY),
     Setting("JWT_AUDIENCE", (), string_list,
-            "Server mode: a JWT's 'aud' must name one of these (comma-separated); empty: 'aud' not required."),
+            "Server mode: a JWT's 'aud' must name one of these (comma-separated); empty: 'aud' not required.", group=SECURITY),
     Setting("JWT_ISSUER", None, text,
-            "Server mode: required 'iss' claim of a JWT."),
+            "Server mode: required 'iss' claim of a JWT.", group=SECURITY),
     Setting("JWT_LEEWAY_SEC", 30.0, number(0, 3600),
-            "Server mode: clock skew tolerated when checking a JWT's exp and nbf."),
+            "Server mode: clock skew tolerated when checking a JWT's exp and nbf.", group=SECURITY),
     Setting("JWT_PUBLISH_CLAIM", "ws_pub", nonempty_text,
             "Server mode: JWT claim that narrows where the session may publish: a list of subject patterns, "
-            "or an object {allow: [...], deny: [...]}."),
+            "or an object {allow: [...], deny: [...]}.", group=SECURITY),
     Setting("JWT_SUBSCRIBE_CLAIM", "ws_sub", nonempty_text,
-            "Server mode: JWT claim that narrows what the session may subscribe to (same shape)."),
+            "Server mode: JWT claim that narrows what the session may subscribe to (same shape).", group=SECURITY),
     Setting("ALLOWED_ORIGINS", (), string_list,
             "Server mode: browser origins allowed to connect, comma-separated, '*' as wildcard "
-            "(https://app.example.com,https://*.example.com); empty: any origin. Others get 403."),
+            "(https://app.example.com,https://*.example.com); empty: any origin. Others get 403.", group=SECURITY),
     Setting("ALLOW_NULL_ORIGIN", False, parse_bool,
-            "Server mode: accept the 'null' origin (file:// pages, sandboxed iframes)."),
+            "Server mode: accept the 'null' origin (file:// pages, sandboxed iframes).", group=SECURITY),
     Setting("COMPRESSION", False, parse_bool,
-            "Server mode: accept permessage-deflate, always with no context takeover and a bounded window."),
+            "Server mode: accept permessage-deflate, always with no context takeover and a bounded window.", group=SERVER),
     Setting("COMPRESSION_WINDOW_BITS", 11, integer(9, 15),
-            "Server mode: deflate window (2^bits bytes) in both directions when COMPRESSION is on."),
+            "Server mode: deflate window (2^bits bytes) in both directions when COMPRESSION is on.", group=SERVER),
     Setting("RATE_LIMIT_MSGS_PER_SEC", 0.0, number(0, 1e9),
             "Server mode: messages per second one session may send (token bucket; 0: off); excess "
-            "messages are dropped with a rate_limited error frame."),
+            "messages are dropped with a rate_limited error frame.", group=LIMITS),
     Setting("RATE_LIMIT_BYTES_PER_SEC", 0.0, number(0, 1e12),
-            "Server mode: inbound bytes per second one session may send (0: off)."),
+            "Server mode: inbound bytes per second one session may send (0: off).", group=LIMITS),
     Setting("RATE_LIMIT_BURST_SEC", 1.0, number(0.001, 3600),
-            "Server mode: bucket size, in seconds of the rate: the burst a session may send at once."),
+            "Server mode: bucket size, in seconds of the rate: the burst a session may send at once.", group=LIMITS),
     Setting("RATE_LIMIT_MAX_VIOLATIONS", 10, integer(0, 1_000_000),
             "Server mode: rate-limited messages within RATE_LIMIT_WINDOW_SEC after which the session is "
-            "closed with 1008 (0: never close)."),
+            "closed with 1008 (0: never close).", group=LIMITS),
     Setting("RATE_LIMIT_WINDOW_SEC", 10.0, number(0.001, 86400),
-            "Server mode: window of RATE_LIMIT_MAX_VIOLATIONS."),
+            "Server mode: window of RATE_LIMIT_MAX_VIOLATIONS.", group=LIMITS),
     Setting("MAX_CONNECTIONS", 0, integer(0, 10_000_000),
-            "Server mode: concurrent WebSocket sessions; more are refused with HTTP 503 (0: no limit)."),
+            "Server mode: concurrent WebSocket sessions; more are refused with HTTP 503 (0: no limit).", group=LIMITS),
     Setting("DRAIN_TIMEOUT_SEC", 10.0, number(0, 3600),
             "On shutdown: how long in-flight peer requests may take to finish before the remaining "
-            "sessions are closed with 1001."),
+            "sessions are closed with 1001.", group=LIMITS),
     Setting("ADMIN_TOKEN", None, text,
             "Server mode: bearer token for /admin/sessions (GET: list, DELETE /admin/sessions/<id>: "
-            "disconnect); unset: admin endpoints are disabled."),
+            "disconnect); unset: admin endpoints are disabled.", group=ESSENTIALS),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
@@ -379,6 +406,9 @@ class ProviderConfig:
             uri = self.uri
             if uri and not (uri.startswith("ws://") or uri.startswith("wss://")):
                 raise ConfigError(f"URI: {uri!r} is not a WebSocket URL; in client mode accepted values: ws://host:port/path or wss://...")
+        if self.mode == "server":
+            from .endpoints import check_server_uri_path
+            check_server_uri_path(self.uri, self.ws_path)
         if 0 < self.ping_interval_sec < 1:
             raise ConfigError(f"PING_INTERVAL_SEC: {self.ping_interval_sec:g} is out of range; accepted values: 0 (off) "
                               "or 1 to 3600 (Autobahn's timers have one-second granularity)")

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from .config import ConfigError
 
 DEFAULT_SERVER_ENDPOINT = "tcp:8080:interface=127.0.0.1"
+LOOPBACK = "127.0.0.1"
 
 _ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "ssl:", "unix:", "systemd:", "le:", "lets:", "txtorcon:", "onion:")
 
@@ -20,7 +21,7 @@ def server_endpoint_description(uri: str | None) -> str:
         return uri
     if uri.startswith(("ws://", "http://")):
         parts = urlsplit(uri)
-        return _tcp(parts.hostname or "0.0.0.0", parts.port or 80, uri)
+        return _tcp(parts.hostname or LOOPBACK, parts.port or 80, uri)
     if uri.startswith(("wss://", "https://")):
         raise ConfigError(f"URI: {uri!r}: for TLS in server mode use an endpoint string like "
                           "'ssl:8443:privateKey=key.pem:certKey=cert.pem'")
@@ -32,8 +33,8 @@ def server_endpoint_description(uri: str | None) -> str:
         return _tcp(host, port, uri)
     host, sep, port = uri.rpartition(":")
     if not sep or not host:
-        if uri.isdigit():
-            return _tcp("0.0.0.0", uri, uri)
+        if uri.isdigit():  # a bare port listens where the default does: loopback only
+            return _tcp(LOOPBACK, uri, uri)
         raise ConfigError(f"URI: {uri!r} is not valid; accepted values: host:port (0.0.0.0:8080), "
                           "[ipv6]:port, or a Twisted endpoint string such as tcp:8080:interface=127.0.0.1")
     return _tcp(host, port, uri)
@@ -49,3 +50,31 @@ def _tcp(host: str, port, original: str) -> str:
     if ":" in host:
         return f"tcp6:{port}:interface=" + host.replace(":", "\\:")
     return f"tcp:{port}:interface={host}"
+
+
+def check_server_uri_path(uri: str | None, ws_path: str) -> None:
+    """A server-mode ``ws://host:port/path`` must not name a path other than ``WS_PATH``:
+    the path is where sessions are served, and ignoring it would leave clients knocking at
+    the wrong door. Raises ``ConfigError`` saying which setting to use instead."""
+    if not uri or not uri.strip().startswith(("ws://", "http://")):
+        return
+    path = urlsplit(uri.strip()).path.strip("/")
+    if path and path != ws_path.strip("/"):
+        raise ConfigError(f"URI: {uri!r} names the path /{path}, but sessions are served at /{ws_path} "
+                          f"(WS_PATH); to serve them at /{path} set WS_PATH={path} (--ws-path {path}) and give URI "
+                          "without a path")
+
+
+def is_loopback_only(description: str) -> bool:
+    """True when the endpoint description listens on a loopback interface only (CONSOLE=auto)."""
+    kind, _, rest = description.partition(":")
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    interface = ""
+    for part in rest.replace("\\:", "\x00").split(":")[1:]:
+        key, sep, value = part.partition("=")
+        if sep and key == "interface":
+            interface = value.replace("\x00", ":")
+    return interface.startswith("127.") or interface in ("::1", "localhost")

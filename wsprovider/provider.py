@@ -288,7 +288,12 @@ class WebSocketMessagingProvider(SequentialMultiService):
     def _start_failed(self, failure):
         if failure.check(defer.FirstError):
             failure = failure.value.subFailure
-        self.log.failure("wsprovider could not start", failure)
+        from .startup import describe_start_failure
+        why = describe_start_failure(failure, self.config)  # one line naming the setting to change
+        if why is None:
+            self.log.failure("wsprovider could not start", failure)
+        else:
+            self.log.critical("wsprovider could not start: {why}", why=why)
         return failure
 
     def when_ready(self):

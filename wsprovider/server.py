@@ -137,6 +137,9 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         if kind is None:
             if reason.startswith("WebSocket connection denied: origin"):
                 kind, code = "origin", 403
+                reason += ("; allow it with ALLOW_NULL_ORIGIN=true (--allow-null-origin=true)"
+                           if "origin 'null'" in reason else
+                           "; allow it by adding it to ALLOWED_ORIGINS (--allowed-origins)")
             else:
                 kind = "bad_request"
         self.factory.stats.refusals[kind] += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from .config import SETTINGS
+from .config import GROUPS, SETTINGS
 
 
 def _default(value) -> str:
@@ -34,10 +34,15 @@ def render() -> str:
         "error that names the key and the accepted values.",
         "",
     ]
-    for s in SETTINGS:
-        lines.append(f"``{s.key}`` (``--{s.flag}``, default ``{_default(s.default)}``)")
-        lines.append("    " + " ".join(s.help.split()).replace("*", "\\*"))
-        lines.append("")
+    for group, title in GROUPS.items():
+        members = [s for s in SETTINGS if s.group == group]
+        if not members:
+            continue
+        lines += [title, "-" * len(title), ""]
+        for s in members:
+            lines.append(f"``{s.key}`` (``--{s.flag}``, default ``{_default(s.default)}``)")
+            lines.append("    " + " ".join(s.help.split()).replace("*", "\\*"))
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -1,18 +1,21 @@
 """The HTTP side of server mode: one ``twisted.web`` site, WebSocket at ``/<WS_PATH>``.
 
 Health, metrics and admin resources are children of the same root so that operators
-open one port.
+open one port. The browser SDK is served at ``/sdk/wsprovider.js`` (and its types at
+``/sdk/wsprovider.d.ts``); the console (``CONSOLE``) at ``/``. No response names a
+version: the ``Server`` header is ``SERVER_HEADER``.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .interfaces import lattice_connected
 
@@ -27,20 +30,81 @@ class MessagingWebSocketResource(WebSocketResource):
     """
 
     def render(self, request):
+        upgrade = b",".join(request.requestHeaders.getRawHeaders(b"upgrade", [])).lower()
+        if b"websocket" not in upgrade:
+            # A plain GET (someone opened the URL in a browser): say what this is, without
+            # Autobahn's status page (which names its version).
+            request.setResponseCode(426, b"Upgrade Required")
+            request.setHeader(b"upgrade", b"websocket")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return (b"This is a WebSocket endpoint (subprotocols wsprovider.v1.json, wsprovider.v1.msgpack); "
+                    b"connect with a WebSocket client, e.g. new WebSocket(\"ws://<host>" + request.path +
+                    b"\"). The browser SDK is at /sdk/wsprovider.js.\n")
         request.channel.setTimeout(None)
         return WebSocketResource.render(self, request)
 
 
-class Root(Resource):
-    """The site's root: a plain-text pointer to the WebSocket path."""
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+_TYPES = {".js": b"text/javascript; charset=utf-8", ".ts": b"text/plain; charset=utf-8",
+          ".html": b"text/html; charset=utf-8", ".css": b"text/css; charset=utf-8"}
+CONSOLE_CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+               b"connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
-    def __init__(self, ws_path: str):
+
+class StaticFile(Resource):
+    """One file of ``wsprovider/static``, read once; no directory listing, no version."""
+
+    isLeaf = True
+
+    def __init__(self, relative_path: str, csp: bytes | None = None, replace: dict | None = None):
+        Resource.__init__(self)
+        with open(os.path.join(STATIC_DIR, relative_path), "rb") as f:
+            self._body = f.read()
+        for placeholder, value in (replace or {}).items():
+            self._body = self._body.replace(placeholder.encode(), value.encode())
+        self._type = _TYPES.get(os.path.splitext(relative_path)[1], b"application/octet-stream")
+        self._csp = csp
+
+    def render_GET(self, request):
+        if [p for p in request.postpath if p]:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"no such file\n"
+        request.setHeader(b"content-type", self._type)
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"access-control-allow-origin", b"*")  # the SDK may be imported from any page
+        if self._csp:
+            request.setHeader(b"content-security-policy", self._csp)
+        return self._body
+
+
+def static_directory(files: dict) -> Resource:
+    """A resource whose children are ``{name: StaticFile}``, answering 404 for anything else."""
+    directory = Resource()
+    for name, child in files.items():
+        directory.putChild(name.encode(), child)
+    return directory
+
+
+class Root(Resource):
+    """The site's root: the console (``CONSOLE`` on) or a plain-text pointer to the WebSocket path."""
+
+    def __init__(self, ws_path: str, console: bool = False):
         Resource.__init__(self)
         self._ws_path = ws_path
+        self._console = (StaticFile("console/index.html", csp=CONSOLE_CSP,
+                                    replace={"{{WS_PATH}}": "/" + ws_path.strip("/")}) if console else None)
+
+    def getChild(self, path, request):
+        if path == b"":
+            return self._console if self._console is not None else self
+        return Resource.getChild(self, path, request)
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return f"wsprovider: connect a WebSocket client to /{self._ws_path}\n".encode()
+        return (f"wsprovider: connect a WebSocket client to /{self._ws_path}; browser SDK: /sdk/wsprovider.js; "
+                "console: off (CONSOLE=on to serve it here)\n").encode()
 
 
 def _json(request, code: int, body) -> bytes:
@@ -172,10 +236,22 @@ class Admin(Resource):
         return self._sessions.render(request)
 
 
+class _Request(Request):
+    """Every response's ``Server`` header is the site's ``server_header`` (no version by default)."""
+
+    def setHeader(self, name, value):
+        if (name.lower() if isinstance(name, bytes) else name.lower().encode()) == b"server":
+            value = self.channel.site.server_header
+        Request.setHeader(self, name, value)
+
+
 class QuietSite(Site):
-    """A ``Site`` whose access log never shows query strings (``?token=`` carries credentials)."""
+    """A ``Site`` whose access log never shows query strings (``?token=`` carries credentials)
+    and whose ``Server`` header names no version."""
 
     noisy = False
+    requestFactory = _Request
+    server_header = b"wsprovider"
 
     def log(self, request):
         uri = request.uri
@@ -189,15 +265,35 @@ class QuietSite(Site):
             Site.log(self, request)
 
 
+def console_enabled(config) -> bool:
+    """``CONSOLE``: on, off, or auto (on when the listener is loopback-only, as the default URI is)."""
+    if config.console != "auto":
+        return config.console == "on"
+    from .endpoints import is_loopback_only, server_endpoint_description
+    return is_loopback_only(server_endpoint_description(config.uri))
+
+
 def make_site(factory, ws_path: str = "ws", provider=None, metrics=None) -> Site:
-    """The server-mode site: WebSocket at ``/<ws_path>``; with ``provider``, also ``/healthz``,
-    ``/readyz``, ``/admin/sessions``; with ``metrics`` (``ProviderMetrics``), ``/metrics``."""
-    root = Root(ws_path)
+    """The server-mode site: WebSocket at ``/<ws_path>``, the SDK at ``/sdk/``; with ``provider``,
+    also ``/healthz``, ``/readyz``, ``/admin/sessions`` and (``CONSOLE``) the console at ``/``;
+    with ``metrics`` (``ProviderMetrics``), ``/metrics``."""
+    config = provider.config if provider is not None else factory.config
+    console = provider is not None and console_enabled(config)
+    server_header = config.server_header.encode("latin-1", "replace")
+    factory.server = server_header.decode("latin-1")  # Autobahn's handshake responses
+    root = Root(ws_path, console=console)
     root.putChild(ws_path.strip("/").encode(), MessagingWebSocketResource(factory))
+    root.putChild(b"sdk", static_directory({"wsprovider.js": StaticFile("wsprovider.js"),
+                                             "wsprovider.d.ts": StaticFile("wsprovider.d.ts")}))
+    if console:
+        root.putChild(b"console", static_directory({name: StaticFile("console/" + name, csp=CONSOLE_CSP)
+                                                    for name in ("console.js", "console.css")}))
     if provider is not None:
         root.putChild(b"healthz", Health())
         root.putChild(b"readyz", Ready(provider))
         root.putChild(b"admin", Admin(AdminSessions(provider, provider.config.admin_token)))
     if metrics is not None:
         root.putChild(b"metrics", Metrics(metrics))
-    return QuietSite(root)
+    site = QuietSite(root)
+    site.server_header = server_header
+    return site
