@@ -222,8 +222,8 @@ def _build_machine():
 
     @pep614(Handshaking.upon(_Inputs.timed_out).loop())
     def timed_out(c: _Inputs, s: _Core, hs: _Handshake) -> None:
-        s.abort_reason = (f"timed out: the connection to {s.peer} was not ready within "
-                          f"{s.connect_timeout:g}s")
+        s.abort_reason = (f"timed out: the connection to {s.peer} (TCP, WebSocket upgrade, welcome) was not "
+                          f"ready within CONNECT_TIMEOUT_SEC={s.connect_timeout:g}s")
         s.hooks.abort(hs.protocol)   # its loss comes back as failed/exhausted
 
     @pep614(Connected.upon(_Inputs.stable).loop())
