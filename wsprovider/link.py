@@ -27,7 +27,6 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from . import envelope
-from ._defer import failure_if_failed
 from .envelope import IEnvelopeWire, Message
 from .loopguard import EchoFilter, LoopDetected, LoopGuard
 from .message import (BrokerMessage, BufferFull, MessagingError, NoResponders, NotConnected,
@@ -261,11 +260,7 @@ class LinkCore:
             d = self.lattice.publish(msg)
         finally:
             self._delivering = outer
-        failure = failure_if_failed(d)
-        if failure is not None:
-            self._not_handled(failure, msg.subject)
-        elif not d.called:
-            d.addErrback(self._not_handled, msg.subject)
+        d.addErrback(self._not_handled, msg.subject)
 
     def _not_handled(self, failure, subject):
         if not failure.check(LoopDetected):   # already explained by the loop guard's warning

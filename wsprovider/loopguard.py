@@ -70,13 +70,13 @@ class LoopGuard:
         """None if ``msg`` (at reply depth ``hops``; ``answer``: it answers the server) may go."""
         if self.max_hops and hops > self.max_hops:
             return self._refuse(
-                f"client link {self._name}: not sending to {msg.subject!r}: it would be answer number {hops} "
+                f"{self._name}: not sending to {msg.subject!r}: it would be answer number {hops} "
                 f"in a chain of answers with the remote server (MAX_REPLY_HOPS={self.max_hops}). This is "
                 "usually a loop between a handler that answers every message (such as wsprovider.handlers:echo) "
                 "and a server that echoes; watch the traffic with wsprovider.handlers:log, or raise MAX_REPLY_HOPS")
         if answer and self._bucket is not None and not self._bucket.take(1, self._clock.seconds()):
             return self._refuse(
-                f"client link {self._name}: not sending to {msg.subject!r}: handlers answer the remote server "
+                f"{self._name}: not sending to {msg.subject!r}: handlers answer the remote server "
                 f"more than MAX_ANSWERS_PER_SEC={self.max_answers_per_sec:g} times a second. This is usually a "
                 "loop between a handler that answers every message (such as wsprovider.handlers:echo) and a "
                 "server that answers or echoes it (the raw wire carries no reply depth to tell); watch the "
