@@ -277,7 +277,7 @@ class ClientLink:
         self.owners = set()
         self.name = f"client link {link_id} to {self.target.shown}"
         self.connected_at = None
-        self.core = LinkCore(self.lattice, self.reactor, config, self.name, self.address)
+        self.core = LinkCore(self.lattice, self.reactor, config, self.name, self.address, self.log)
         self._subs = []
         self._closing = None
         self._connected_waiters = []

@@ -66,9 +66,8 @@ class LinkCore:
     ``disconnected`` / ``received`` / ``close``; components call ``send`` / ``request``;
     the lattice calls ``from_address`` / ``from_outbound``."""
 
-    log = Logger(namespace="wsprovider.client.ClientLink")
-
-    def __init__(self, lattice, clock, config, name: str, address: str):
+    def __init__(self, lattice, clock, config, name: str, address: str, log: Logger | None = None):
+        self.log = log if log is not None else Logger()   # the link's, so that its lines share one namespace
         self.lattice = lattice
         self.clock = clock
         self.config = config
@@ -85,7 +84,7 @@ class LinkCore:
         self.routes = PendingReplies(clock, max_pending=MAX_ROUTES)
         self.owed = OwedReplies(clock, MAX_OWED_REPLIES, config.max_request_timeout_ms / 1000.0,
                                 on_drop=self._owed_dropped)
-        self.guard = LoopGuard(clock, name, config.max_reply_hops, config.max_answers_per_sec)
+        self.guard = LoopGuard(clock, name, config.max_reply_hops, config.max_answers_per_sec, self.log)
         self.echoes = EchoFilter(clock)
         self.closed_error = None            # set once the link is closed or gave up
         self._addressed = False             # the wire carries subjects (IEnvelopeWire)

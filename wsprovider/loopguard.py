@@ -53,9 +53,8 @@ class LoopGuard:
     """One link's loop signals. ``check`` before sending; ``sent_answer`` / ``depth_of_echo``
     for the raw wire's echo recognition."""
 
-    log = Logger(namespace="wsprovider.client.ClientLink")
-
-    def __init__(self, clock, name: str, max_hops: int, max_answers_per_sec: float):
+    def __init__(self, clock, name: str, max_hops: int, max_answers_per_sec: float, log: Logger | None = None):
+        self.log = log if log is not None else Logger()
         self._clock = clock
         self._name = name
         self.max_hops = max_hops
