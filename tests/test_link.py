@@ -8,7 +8,7 @@ it, as a ``websockets`` echo server would; the real-server versions are in test_
 
 import json
 
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -188,7 +188,7 @@ class EnvelopeWireTests(LinkCoreTestCase):
     def test_owed_reply_goes_back_once(self):
         t = self.welcome()
         self.core.received(b'{"subject":"ask","body":"now?","reply_to":"peer.7"}', False)
-        self.assertIn("peer.7", self.core.owed)
+        self.assertIn("peer.7", self.core.replies.owed)
         self.successResultOf(self.lattice.publish(BrokerMessage("peer.7", b"first")))
         self.successResultOf(self.lattice.publish(BrokerMessage("peer.7", b"second")))   # not owed any more
         self.assertEqual([f["body"] for f in t.json() if f["subject"] == "peer.7"], ["first"])
@@ -198,7 +198,7 @@ class EnvelopeWireTests(LinkCoreTestCase):
         self.welcome()
         self.core.received(b'{"subject":"ask","body":"?","reply_to":"peer.7"}', False)
         self.clock.advance(self.config.max_request_timeout_ms / 1000.0 + 1)
-        self.assertNotIn("peer.7", self.core.owed)
+        self.assertNotIn("peer.7", self.core.replies.owed)
 
     def test_disconnect_fails_sent_requests_and_keeps_buffered_ones(self):
         t = self.welcome()

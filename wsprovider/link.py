@@ -61,6 +61,139 @@ class _Request:
         self.sent = False
 
 
+class ReplyRouter:
+    """A link's replies, both ways: its requests waiting for a reply (``PendingReplies``),
+    the routes for components' ``reply_to`` subjects, and the replies it owes the server
+    (``OwedReplies``, each with a lattice subscription and the depth of what it answers)."""
+
+    def __init__(self, lattice, clock, config, name, log):
+        self.lattice = lattice
+        self.name = name
+        self.log = log
+        self.ttl = config.max_request_timeout_ms / 1000.0
+        self.requests = PendingReplies(clock, max_pending=MAX_REQUESTS, timeout_error=self._timeout_error)
+        self.routes = PendingReplies(clock, max_pending=MAX_ROUTES)
+        self.owed = OwedReplies(clock, MAX_OWED_REPLIES, self.ttl, on_drop=self._owed_dropped)
+        self._owed_subs = {}
+        self._owed_hops = {}
+        self._raw_waiting = collections.deque()   # request keys, oldest first (raw wire)
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    # requests
+
+    def add_request(self, subject, timeout_ms, out) -> tuple:
+        """``(key, Deferred)`` for a new request; raises ``TooManyRequests``."""
+        key = str(next(self._ids))
+        return key, self.requests.add(key, timeout_ms / 1000.0, label=subject, data=_Request(out))
+
+    def request_sent(self, key, addressed: bool) -> bool:
+        """Mark the request written; False if it already ended (timed out while buffered)."""
+        entry = self.requests.get(key)
+        if entry is None:
+            return False
+        entry.data.sent = True
+        if not addressed:
+            self._raw_waiting.append(key)
+        return True
+
+    def answer_next(self, msg) -> bool:
+        """Raw wire: ``msg`` answers the oldest request still waiting, if any."""
+        while self._raw_waiting:
+            if self.requests.resolve(self._raw_waiting.popleft(), msg):
+                return True
+        return False
+
+    def answer(self, token, msg):
+        """Envelope: ``msg`` arrived on the reply subject minted with ``token``. True if it
+        answered a request; else the lattice subject it is routed to, or None (too late)."""
+        if self.requests.resolve(token, msg):
+            return True
+        route = self.routes.take(token)
+        return route.data if route is not None else None
+
+    def fail(self, key, error_for) -> bool:
+        """Fail request ``key`` with ``error_for(subject)``; False if there is no such request."""
+        entry = self.requests.get(key)
+        return entry is not None and self.requests.fail(key, error_for(entry.label))
+
+    def _timeout_error(self, entry, timeout):
+        return RequestTimeout(f"request to {entry.label!r} over {self.name} timed out after "
+                              f"{round(timeout * 1000)}ms")
+
+    # routes: components' reply_to subjects
+
+    def route(self, local) -> str | None:
+        """A token whose reply is published on ``local``; None when too many routes are open."""
+        token = str(next(self._ids))
+        try:
+            d = self.routes.add(token, self.ttl, label=local, data=local)
+        except TooManyRequests:
+            self.log.warn("{name}: {n} reply routes are open (limit {limit}); the answer to {local} cannot be "
+                          "routed back", name=self.name, n=len(self.routes), limit=MAX_ROUTES, local=local)
+            return None
+        d.addErrback(lambda _: None)   # expired or closed: nothing waits on a route
+        return token
+
+    # owed replies: the server's reply subjects that handlers here may answer
+
+    def owe(self, subject, hops, callback):
+        """Let answers to ``subject`` (reaching ``callback`` from the lattice) go back over the
+        link once. None, or a Deferred to wait for before delivering (asynchronous lattice)."""
+        new = self.owed.grant(subject)
+        self._owed_hops[subject] = hops
+        if not new:
+            return None
+
+        def subscribed(sub):
+            if subject in self.owed and subject not in self._owed_subs:
+                self._owed_subs[subject] = sub
+            else:
+                sub.unsubscribe()
+
+        def failed(failure):
+            self.log.warn("{name}: cannot route replies to {subject}: {error}", name=self.name, subject=subject,
+                          error=failure.getErrorMessage())
+
+        d = self.lattice.subscribe(subject, callback)
+        d.addCallbacks(subscribed, failed)
+        return None if d.called else d
+
+    def spend(self, subject):
+        """The depth of what a reply to ``subject`` answers, spending the permission; None if not owed."""
+        if subject not in self.owed:
+            return None
+        hops = self._owed_hops.get(subject, 0)
+        self.owed.use(subject)
+        return hops
+
+    def _owed_dropped(self, subject):
+        self._owed_hops.pop(subject, None)
+        sub = self._owed_subs.pop(subject, None)
+        if sub is not None:
+            sub.unsubscribe()
+
+    # the connection
+
+    def connection_lost(self, error) -> None:
+        """Fail what was sent and waits; buffered requests wait for the next connection."""
+        for entry in self.requests:
+            if entry.data.sent:
+                self.requests.fail(entry.key, error)
+        self._raw_waiting.clear()
+        for entry in self.routes:
+            self.routes.take(entry.key)
+            self.lattice.fail_reply(entry.data, error)
+        self.owed.clear()
+
+    def close(self, error) -> None:
+        self.connection_lost(error)
+        self.requests.close(error)
+        self.routes.close(error)
+
+
 class LinkCore:
     """One link's session logic. The adapter calls ``attach`` / ``connected`` /
     ``disconnected`` / ``received`` / ``close``; components call ``send`` / ``request``;
@@ -80,19 +213,12 @@ class LinkCore:
         self.remote_session_id = self.remote_reply_to = None
         self.messages_in = self.messages_out = self.remote_errors = 0
         self.buffer = OutboundBuffer(config.offline_buffer_bytes)
-        self.requests = PendingReplies(clock, max_pending=MAX_REQUESTS, timeout_error=self._timeout_error)
-        self.routes = PendingReplies(clock, max_pending=MAX_ROUTES)
-        self.owed = OwedReplies(clock, MAX_OWED_REPLIES, config.max_request_timeout_ms / 1000.0,
-                                on_drop=self._owed_dropped)
+        self.replies = ReplyRouter(lattice, clock, config, name, self.log)
         self.guard = LoopGuard(clock, name, config.max_reply_hops, config.max_answers_per_sec, self.log)
         self.echoes = EchoFilter(clock)
         self.closed_error = None            # set once the link is closed or gave up
         self._addressed = False             # the wire carries subjects (IEnvelopeWire)
         self._reply_base = address
-        self._raw_waiting = collections.deque()   # request keys, oldest first (raw wire)
-        self._owed_subs = {}
-        self._owed_hops = {}
-        self._ids = itertools.count(1)
         self._delivering = None             # reply depth of the message being delivered now
         self._last_hops = 0                 # ... and of the last one delivered
         self._gate = None
@@ -123,14 +249,7 @@ class LinkCore:
         what is buffered waits for the next connection."""
         self.transport = self.codec = self.on_ready = None
         self.ready = False
-        for entry in self.requests:
-            if entry.data.sent:
-                self.requests.fail(entry.key, error)
-        self._raw_waiting.clear()
-        for entry in self.routes:
-            self.routes.take(entry.key)
-            self.lattice.fail_reply(entry.data, error)
-        self.owed.clear()
+        self.replies.connection_lost(error)
 
     def close(self, reason: str, error: NotConnected) -> None:
         """The link is closed for good (deleted, or gave up): refuse, fail and drop everything."""
@@ -139,12 +258,11 @@ class LinkCore:
         dropped = 0
         for out in self.buffer.clear():
             if out.request is not None:
-                self.requests.fail(out.request, NotConnected(
-                    f"request to {out.msg.subject!r} not sent: {self.name} {reason}"))
+                self.replies.fail(out.request, lambda subject: NotConnected(
+                    f"request to {subject!r} not sent: {self.name} {reason}"))
             else:
                 dropped += 1
-        self.requests.close(error)
-        self.routes.close(error)
+        self.replies.close(error)
         if dropped:
             self.log.warn("{name}: {n} buffered message(s) were never sent: {reason}", name=self.name, n=dropped,
                           reason=reason)
@@ -187,22 +305,19 @@ class LinkCore:
 
     def _deliver(self, msg: BrokerMessage, hops: int) -> None:
         if not self._addressed:
-            while self._raw_waiting:   # raw: the next frame answers the oldest request
-                key = self._raw_waiting.popleft()
-                if self.requests.resolve(key, msg):
-                    return
+            if self.replies.answer_next(msg):   # raw: the next frame answers the oldest request
+                return
             self._to_lattice(msg.replace(reply_to=self.address), self.guard.depth_of_echo(msg.body))
             return
         subject = msg.subject
         base = self._reply_base
         prefix = f"{base}.{REPLY_TOKEN}."
         if subject.startswith(prefix):
-            token = subject[len(prefix):]
-            if self.requests.resolve(token, msg):
+            routed = self.replies.answer(subject[len(prefix):], msg)
+            if routed is True:
                 return
-            route = self.routes.take(token)
-            if route is not None:
-                self._to_lattice(msg.replace(subject=route.data), hops)
+            if routed is not None:
+                self._to_lattice(msg.replace(subject=routed), hops)
             else:
                 self.log.info("{name}: a reply on {subject} came after its request ended; dropped",
                               name=self.name, subject=subject)
@@ -215,12 +330,12 @@ class LinkCore:
 
     def _remote_error(self, frame) -> None:
         self.remote_errors += 1
-        key = str(frame.frame_id) if frame.frame_id is not None else None
-        entry = self.requests.get(key) if key is not None else None
-        if entry is not None:
-            cls = _REMOTE_ERRORS.get(frame.code)
-            text = f"the server answered the request to {entry.label!r} with {frame.code}: {frame.text}"
-            self.requests.fail(key, cls(text) if cls else MessagingError(text, code=frame.code))
+        cls = _REMOTE_ERRORS.get(frame.code)
+
+        def error_for(subject):
+            text = f"the server answered the request to {subject!r} with {frame.code}: {frame.text}"
+            return cls(text) if cls else MessagingError(text, code=frame.code)
+        if frame.frame_id is not None and self.replies.fail(str(frame.frame_id), error_for):
             return
         self.log.warn("{name}: the server reported {code}: {message}", name=self.name, code=frame.code,
                       message=frame.text)
@@ -234,7 +349,7 @@ class LinkCore:
         if reply_to is None:
             msg = msg.replace(reply_to=self.address)
         elif reply_to != self.address and not reply_to.startswith(self.address + "."):
-            waiting = self._owe(reply_to, hops)
+            waiting = self.replies.owe(reply_to, hops, self._owed_reply)
         if waiting is None:
             self._publish_inbound(msg, hops)
             return
@@ -266,37 +381,8 @@ class LinkCore:
             self.log.warn("{name}: a message from the server on {subject!r} was not handled: {error}",
                           name=self.name, subject=subject, error=failure.getErrorMessage())
 
-    # owed replies: the server's reply subjects that handlers here may answer
-
-    def _owe(self, subject, hops):
-        """Route answers to the server's ``subject`` back over the link. None, or a Deferred to wait for."""
-        new = self.owed.grant(subject)
-        self._owed_hops[subject] = hops
-        if not new:
-            return None
-
-        def subscribed(sub):
-            if subject in self.owed and subject not in self._owed_subs:
-                self._owed_subs[subject] = sub
-            else:
-                sub.unsubscribe()
-
-        def failed(failure):
-            self.log.warn("{name}: cannot route replies to {subject}: {error}", name=self.name, subject=subject,
-                          error=failure.getErrorMessage())
-
-        d = self.lattice.subscribe(subject, self._owed_reply)
-        d.addCallbacks(subscribed, failed)
-        return None if d.called else d
-
     def _owed_reply(self, msg):
         return self.send(msg)
-
-    def _owed_dropped(self, subject):
-        self._owed_hops.pop(subject, None)
-        sub = self._owed_subs.pop(subject, None)
-        if sub is not None:
-            sub.unsubscribe()
 
     # -- lattice -> server -------------------------------------------------------------
 
@@ -335,13 +421,12 @@ class LinkCore:
                                              code="bad_request"))
         if self.closed_error is not None:
             return defer.fail(self.closed_error)
-        key = str(next(self._ids))
-        out = Outgoing(BrokerMessage(subject, body), request=key)
+        out = Outgoing(BrokerMessage(subject, body))
         writable = not self.buffer and self.writable()
         if not writable and not self.buffer.fits(out):
             return defer.fail(self._buffer_full(out))
         try:
-            d = self.requests.add(key, timeout_ms / 1000.0, label=subject, data=_Request(out))
+            out.request, d = self.replies.add_request(subject, timeout_ms, out)
         except TooManyRequests as e:
             return defer.fail(e)
         d.addErrback(self._request_ended, out)
@@ -355,21 +440,16 @@ class LinkCore:
         self.buffer.remove(out)   # timed out or cancelled while still buffered
         return failure
 
-    def _timeout_error(self, entry, timeout):
-        return RequestTimeout(f"request to {entry.label!r} over {self.name} timed out after "
-                              f"{round(timeout * 1000)}ms")
-
     def pending_requests(self) -> int:
-        return len(self.requests)
+        return len(self.replies)
 
     def _depth(self, msg):
         """(reply depth, is it an answer to the server?) of a message about to be sent."""
         subject = msg.subject
-        if subject in self.owed:
+        hops = self.replies.spend(subject)
+        if hops is not None:
             # The answer to an explicit reply_to ends that exchange: it keeps the request's depth.
             # Chains of unsolicited answers grow through the link's address (below).
-            hops = self._owed_hops.get(subject, 0)
-            self.owed.use(subject)
             return hops, True
         if self._delivering is not None:       # sent while a message from the server is delivered
             return self._delivering + 1, True
@@ -398,11 +478,8 @@ class LinkCore:
     def _write(self, out) -> None:
         msg = out.msg
         key = out.request
-        if key is not None:
-            entry = self.requests.get(key)
-            if entry is None:
-                return  # the request ended while it was buffered
-            entry.data.sent = True
+        if key is not None and not self.replies.request_sent(key, self._addressed):
+            return  # the request ended while it was buffered
         if self._addressed:
             if key is not None:
                 frame = Message(msg.replace(reply_to=f"{self._reply_base}.{REPLY_TOKEN}.{key}"), key, out.hops)
@@ -411,9 +488,7 @@ class LinkCore:
             else:
                 frame = Message(msg, None, out.hops)
         else:
-            if key is not None:
-                self._raw_waiting.append(key)
-            elif out.hops:
+            if key is None and out.hops:
                 self.guard.sent_answer(msg.body, out.hops)
             frame = Message(msg)
         self._write_frame(frame)
@@ -421,15 +496,8 @@ class LinkCore:
 
     def _route(self, local):
         """A reply subject at the server whose answer is published here on ``local``."""
-        token = f"{next(self._ids)}"
-        try:
-            d = self.routes.add(token, self.config.max_request_timeout_ms / 1000.0, label=local, data=local)
-        except TooManyRequests:
-            self.log.warn("{name}: {n} reply routes are open (limit {limit}); the answer to {local} cannot be "
-                          "routed back", name=self.name, n=len(self.routes), limit=MAX_ROUTES, local=local)
-            return f"{self._reply_base}.{REPLY_TOKEN}.unroutable"
-        d.addErrback(lambda _: None)   # expired or closed: nothing waits on a route
-        return f"{self._reply_base}.{REPLY_TOKEN}.{token}"
+        token = self.replies.route(local)
+        return f"{self._reply_base}.{REPLY_TOKEN}.{token if token is not None else 'unroutable'}"
 
     def _write_frame(self, frame) -> None:
         payload, is_binary = self.codec.encode(frame)
