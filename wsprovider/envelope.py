@@ -374,11 +374,10 @@ class _Codec:
         """``(payload, is_binary)`` for any ``Frame`` (either direction)."""
         kind = frame.kind
         if frame.message is not None:
-            if kind == REQUEST:
-                payload = self.message(frame.message, kind, frame.frame_id, frame.hops,
-                                       timeout_ms=frame.timeout_ms)
+            if frame.hops or frame.timeout_ms is not None:
+                payload = self._message_with(frame.message, kind, frame.frame_id, frame.hops, frame.timeout_ms)
             else:
-                payload = self.message(frame.message, kind, frame.frame_id, frame.hops)
+                payload = self.message(frame.message, kind, frame.frame_id)
         elif kind == ERROR:
             payload = self.error(frame.code, frame.text, frame.frame_id)
         elif kind == WELCOME:
@@ -390,8 +389,17 @@ class _Codec:
             payload = self.control(kind, id=frame.frame_id)
         return payload, self.is_binary
 
-    def message(self, msg: BrokerMessage, kind: str = MESSAGE, frame_id=None, hops: int = 0,
-                timeout_ms=None) -> bytes:
+    def message(self, msg: BrokerMessage, kind: str = MESSAGE, frame_id=None) -> bytes:
+        """A message, reply or request frame: the server's hot path (``encode`` gives the same bytes)."""
+        obj = {"type": kind, "subject": msg.subject}
+        self.put_body(obj, msg.body)
+        if msg.reply_to is not None:
+            obj["reply_to"] = msg.reply_to
+        if frame_id is not None:
+            obj["id"] = frame_id
+        return self.dumps(obj)
+
+    def _message_with(self, msg: BrokerMessage, kind, frame_id, hops, timeout_ms) -> bytes:
         obj = {"type": kind, "subject": msg.subject}
         self.put_body(obj, msg.body)
         if msg.reply_to is not None:
@@ -462,23 +470,18 @@ class JsonCodec(_Codec):
         except RecursionError:  # nesting deeper than the decoder can follow
             raise FrameError("frame is not usable JSON: nested too deeply", code=BAD_JSON) from None
 
-    def message(self, msg: BrokerMessage, kind: str = MESSAGE, frame_id=None, hops: int = 0,
-                timeout_ms=None) -> bytes:
+    def message(self, msg: BrokerMessage, kind: str = MESSAGE, frame_id=None) -> bytes:
         # Same bytes as the generic encoder, without building a dict and walking it.
         body = msg.body
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            return _Codec.message(self, msg, kind, frame_id, hops, timeout_ms)
+            return _Codec.message(self, msg, kind, frame_id)
         parts = ['{"type":', _enc(kind), ',"subject":', _enc(msg.subject), ',"body":', _enc(text)]
         if msg.reply_to is not None:
             parts += (',"reply_to":', _enc(msg.reply_to))
         if frame_id is not None:
             parts += (',"id":', _enc(frame_id) if type(frame_id) is str else self._dumps(frame_id))
-        if timeout_ms is not None:
-            parts += (',"timeout_ms":', str(int(timeout_ms)))
-        if hops:
-            parts += (',"hops":', str(int(hops)))
         parts.append("}")
         return "".join(parts).encode("utf-8")
 
