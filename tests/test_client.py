@@ -870,3 +870,132 @@ class TwistdClientTests(unittest.TestCase):
         output = (yield ended).decode()
         self.assertIn("connected (raw frames)", output)
         self.assertNotIn("Traceback", output)
+
+
+# -- loops, attempt counts, echo suppression on NATS -------------------------------------------
+
+class LoopProtectionTests(unittest.TestCase):
+    """The documented ``echo`` handler against a server that echoes must not bounce forever."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_echo_handler_against_echo_server_is_cut(self):
+        from wsprovider.handlers import echo
+        log = CaptureLog(self)
+        server = yield start_server(self, echo=True, greeting="hello")
+        provider = yield start_client(self, server.url, {"MAX_REPLY_HOPS": "8"}, handlers=[("echo", echo, None)])
+        yield wait_for(lambda: only_link(provider)["loops_cut"] >= 1, "the loop to be cut")
+        link = only_link(provider)
+        self.assertEqual(link["messages_out"], 8)
+        self.assertEqual(len(server.received.pending), 8)
+        warnings = [t for t in log.texts() if "loop cut" in t]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("MAX_REPLY_HOPS=8", warnings[0])
+        # and it stays cut: a request/echo round trip later, nothing else went out
+        reply = yield provider.request("x", b"ping", 3000)
+        self.assertEqual(reply.body, b"ping")
+        self.assertEqual((only_link(provider)["messages_out"], only_link(provider)["loops_cut"]), (9, 1))
+
+    @defer.inlineCallbacks
+    def test_twistd_echo_against_echo_server_is_cut(self):
+        """The issue's reproduction: twistd -n wsprovider --mode=client --handler wsprovider.handlers:echo."""
+        server = yield start_server(self, echo=True, greeting="hello")
+        watch = _Watch()
+        args = TWISTD + ["-n", "--pidfile=", "wsprovider", "--mode=client", "--uri", server.url,
+                         "--handler", "wsprovider.handlers:echo"]
+        process = reactor.spawnProcess(watch, sys.executable, [sys.executable] + args,
+                                       env=dict(os.environ, PYTHONPATH=ROOT), path=ROOT)
+        self.addCleanup(watch.stop, process)
+        yield wait_for(lambda: b"loop cut" in watch.output, "the loop-cut warning", timeout=20)
+        self.assertEqual(len(server.received.pending), 8)
+        process.signalProcess("TERM")
+        output = (yield watch.ended).decode()
+        self.assertIn("MAX_REPLY_HOPS=8", output)
+        self.assertIn("wsprovider.handlers:echo", output)
+        self.assertNotIn("Traceback", output)
+
+
+class _Watch(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(self.output)
+
+    def stop(self, process):
+        if not self.ended.called:
+            process.signalProcess("TERM")
+        return self.ended
+
+
+class AttemptCountTests(unittest.TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_reconnect_logs_show_one_consistent_attempt_count(self):
+        log = CaptureLog(self)
+        provider = yield start_client(self, f"ws://127.0.0.1:{free_port()}/", {"RECONNECT_MAX_ATTEMPTS": "4"})
+        yield wait_for(lambda: only_link(provider)["state"] == "failed", "the link to give up")
+        texts = [t for t in log.texts() if "client link" in t]
+        connecting = [int(m.group(1)) for m in (re.search(r"connecting \(attempt (\d+)\)", t) for t in texts) if m]
+        failed = [(int(m.group(1)), int(m.group(2)) if m.group(2) else None)
+                  for m in (re.search(r"attempt (\d+) failed: .*?(?:\((\d+) failed attempt|giving up)", t)
+                            for t in texts) if m]
+        self.assertEqual(connecting, [1, 2, 3, 4])
+        self.assertEqual([n for n, _ in failed], [1, 2, 3, 4])
+        self.assertTrue(all(in_a_row in (None, n) for n, in_a_row in failed), failed)
+        self.assertIn("giving up after 4 failed attempts", texts[-1])
+        self.assertEqual(only_link(provider)["attempts"], 4)
+        self.assertFalse([t for t in log.texts() if "Scheduling retry" in t])   # no second counter
+
+    @defer.inlineCallbacks
+    def test_short_lived_connections_keep_counting(self):
+        log = CaptureLog(self)
+        opened = []
+
+        async def hang_up(ws):
+            opened.append(ws)
+
+        server = yield as_deferred(_serve(hang_up, "127.0.0.1", 0))
+        self.addCleanup(lambda: as_deferred(_close(server)))
+        port = server.sockets[0].getsockname()[1]
+        yield start_client(self, f"ws://127.0.0.1:{port}/", {"WIRE_MODE": "raw"})
+        yield wait_for(lambda: len(opened) >= 3, "three short-lived connections")
+        texts = [t for t in log.texts() if "client link" in t]
+        connecting = [int(m.group(1)) for m in (re.search(r"connecting \(attempt (\d+)\)", t) for t in texts) if m]
+        connected = [int(m.group(1)) for m in (re.search(r"connected \(raw frames\) at attempt (\d+)", t)
+                                               for t in texts) if m]
+        self.assertEqual(connecting[:3], [1, 2, 3])
+        self.assertEqual(connected[:2], [1, 2])
+
+
+class NatsEchoSuppressionTests(unittest.TestCase):
+    """OUTBOUND_SUBJECTS on a NATS lattice: the server's message comes back from NATS as a copy."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_server_message_is_not_forwarded_back_over_nats(self):
+        from .natsserver import NatsServer
+        nats = NatsServer(self)
+        yield nats.start()
+        server = yield start_server(self, envelope=True)
+        recorder = Recorder()
+        provider = yield start_client(self, server.url, {"NATS_URL": nats.url, "OUTBOUND_SUBJECTS": "out.>"},
+                                      handlers=[("recorder", recorder, {"SUBSCRIPTIONS": "out.loop"})])
+        yield provider.lattice.when_connected()
+        yield provider.ws.link_for().when_connected()
+        yield provider.lattice.publish(BrokerMessage("out.first", b"1"))
+        self.assertEqual(json.loads((yield server.received.get()))["subject"], "out.first")
+        yield server.send_all(json.dumps({"subject": "out.loop", "body": "x"}))
+        self.assertEqual((yield recorder.next()).subject, "out.loop")   # went through NATS and back
+        yield provider.lattice.publish(BrokerMessage("out.second", b"2"))
+        self.assertEqual(json.loads((yield server.received.get()))["subject"], "out.second")
+        self.assertEqual(only_link(provider)["messages_out"], 2)

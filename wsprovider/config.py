@@ -261,6 +261,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REMOTE_SUBSCRIPTIONS", (), pattern_list,
             "Client mode, envelope wire: subject patterns the link subscribes to at the remote wsprovider "
             "server on every (re)connect.", group=CLIENT),
+    Setting("MAX_REPLY_HOPS", 8, integer(0, 1000),
+            "Client mode: longest chain of answers between a link's handlers and the remote server (the "
+            "envelope's 'hops'); an answer past it is not sent (error loop_detected, warning logged), which "
+            "cuts e.g. an echo handler against an echo server; 0: no limit.", group=CLIENT),
+    Setting("MAX_ANSWERS_PER_SEC", 200.0, number(0, 1_000_000),
+            "Client mode: answers per second a link's handlers may send back to the remote server (one second "
+            "of burst); past it answers fail with loop_detected and a warning: the loop guard for wires "
+            "without 'hops' (raw); 0: no limit.", group=CLIENT),
     # NATS lattice.
     Setting("NATS_URL", None, text,
             "NATS server URL(s), comma-separated (nats://, tls://); set: components and other instances "

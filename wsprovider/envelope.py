@@ -11,6 +11,19 @@ Two codecs share one frame model, negotiated by WebSocket subprotocol:
 Seed compatibility: a frame without ``type`` is a message; a text frame that is not
 JSON is a message on subject ``message``; a binary frame in the JSON protocol is a
 message on subject ``binary.message``.
+
+The frame model, both directions: one typed class per frame kind (``Message``, ``Reply``,
+``Request``, ``Subscribe``, ``Subscribed``, ``Unsubscribe``, ``Unsubscribed``, ``Ping``,
+``Pong``, ``Welcome``, ``Error``), every one a ``Frame`` with the same attribute names.
+A codec (``IFrameCodec``) turns any frame into ``(payload, is_binary)`` with ``encode``
+and reads what a server sends with ``decode_from_server``; ``decode`` reads what a peer
+sends. The server's hot path keeps its own shortcuts (``decode`` -> ``InboundFrame``,
+``message``, ``error``, ``control``), which produce the same bytes as ``encode``. The
+raw wire of client links (``raw.RawCodec``) is a second ``IFrameCodec`` without the
+``IEnvelopeWire`` capability: its frames are bodies only.
+
+``hops`` (message, reply and request frames; absent means 0) is the reply depth a client
+link counts to cut loops with an echoing server (docs/client-mode.rst, "Loops").
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import json.encoder
 import json.scanner
 
 import msgpack
+from zope.interface import Attribute, Interface, implementer
 
 from .message import BrokerMessage
 from .subjects import SubjectError, check_pattern, check_subject
@@ -40,6 +54,14 @@ UNSUBSCRIBE = "unsubscribe"
 REQUEST = "request"
 PING = "ping"
 INBOUND_KINDS = frozenset((MESSAGE, SUBSCRIBE, UNSUBSCRIBE, REQUEST, PING))
+# Frame kinds a server sends.
+REPLY = "reply"
+WELCOME = "welcome"
+ERROR = "error"
+SUBSCRIBED = "subscribed"
+UNSUBSCRIBED = "unsubscribed"
+PONG = "pong"
+SERVER_KINDS = frozenset((MESSAGE, REPLY, WELCOME, ERROR, SUBSCRIBED, UNSUBSCRIBED, PONG))
 
 # Error codes (also used as MessagingError.code). Documented in docs/protocol.rst.
 BAD_FRAME = "bad_frame"
@@ -55,8 +77,152 @@ class FrameError(ValueError):
         self.frame_id = frame_id
 
 
-class InboundFrame:
-    """A decoded peer frame. ``message`` is set for message and request frames."""
+class IFrameCodec(Interface):
+    """Frames to WebSocket messages and back."""
+
+    name = Attribute("The subprotocol name ('raw' for plain frames).")
+
+    def encode(frame):
+        """``(payload: bytes, is_binary: bool)`` for a ``Frame``; ``FrameError`` if this wire
+        cannot carry it."""
+
+    def decode_from_server(payload, is_binary):
+        """A ``Frame`` for one WebSocket message from a server, or ``FrameError``."""
+
+
+class IEnvelopeWire(Interface):
+    """Capability: the wire carries subjects, reply subjects, frame ids, ``hops`` and the
+    control frames (welcome, subscribe, error...). The raw wire does not."""
+
+
+class Frame:
+    """A frame of the protocol; every kind has the same attribute names (unused ones are None)."""
+
+    __slots__ = ()
+    kind = None
+    message = None      # BrokerMessage: message, reply, request
+    subject = None      # subscribe, subscribed, unsubscribe, unsubscribed
+    frame_id = None
+    timeout_ms = None   # request
+    queue = None        # subscribe
+    hops = 0            # message, reply, request: reply depth (loop protection)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None
+
+    def __repr__(self):
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Message(Frame):
+    __slots__ = ("message", "frame_id", "hops")
+    kind = MESSAGE
+
+    def __init__(self, message: BrokerMessage, frame_id=None, hops: int = 0):
+        self.message = message
+        self.frame_id = frame_id
+        self.hops = hops
+
+
+class Reply(Message):
+    __slots__ = ()
+    kind = REPLY
+
+
+class Request(Frame):
+    __slots__ = ("message", "frame_id", "timeout_ms", "hops")
+    kind = REQUEST
+
+    def __init__(self, message: BrokerMessage, frame_id, timeout_ms=None, hops: int = 0):
+        self.message = message
+        self.frame_id = frame_id
+        self.timeout_ms = timeout_ms
+        self.hops = hops
+
+
+class Subscribe(Frame):
+    __slots__ = ("subject", "frame_id", "queue")
+    kind = SUBSCRIBE
+
+    def __init__(self, subject: str, frame_id=None, queue=None):
+        self.subject = subject
+        self.frame_id = frame_id
+        self.queue = queue
+
+
+class _SubjectAck(Frame):
+    __slots__ = ("subject", "frame_id")
+
+    def __init__(self, subject: str, frame_id=None):
+        self.subject = subject
+        self.frame_id = frame_id
+
+
+class Unsubscribe(_SubjectAck):
+    __slots__ = ()
+    kind = UNSUBSCRIBE
+
+
+class Subscribed(_SubjectAck):
+    __slots__ = ()
+    kind = SUBSCRIBED
+
+
+class Unsubscribed(_SubjectAck):
+    __slots__ = ()
+    kind = UNSUBSCRIBED
+
+
+class Ping(Frame):
+    __slots__ = ("frame_id",)
+    kind = PING
+
+    def __init__(self, frame_id=None):
+        self.frame_id = frame_id
+
+
+class Pong(Ping):
+    __slots__ = ()
+    kind = PONG
+
+
+class Welcome(Frame):
+    """The server's first frame: who this session is there."""
+
+    __slots__ = ("session_id", "reply_to", "protocol", "max_message_size")
+    kind = WELCOME
+
+    def __init__(self, session_id=None, reply_to=None, protocol=None, max_message_size=None):
+        self.session_id = session_id
+        self.reply_to = reply_to
+        self.protocol = protocol
+        self.max_message_size = max_message_size
+
+
+class Error(Frame):
+    __slots__ = ("code", "text", "frame_id")
+    kind = ERROR
+
+    def __init__(self, code: str, text: str, frame_id=None):
+        self.code = code
+        self.text = text
+        self.frame_id = frame_id
+
+
+_SUBJECT_FRAMES = {SUBSCRIBED: Subscribed, UNSUBSCRIBED: Unsubscribed}
+
+
+class InboundFrame(Frame):
+    """A decoded peer frame (``decode``, the server's hot path). ``message`` is set for
+    message and request frames."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     __slots__ = ("kind", "message", "subject", "frame_id", "timeout_ms", "queue")
 
@@ -73,6 +239,7 @@ class InboundFrame:
                 f"frame_id={self.frame_id!r})")
 
 
+@implementer(IFrameCodec, IEnvelopeWire)
 class _Codec:
     name: str
     is_binary: bool
@@ -173,15 +340,76 @@ class _Codec:
         raise FrameError("'body' must be a string (UTF-8 text) or an array of byte values; "
                          "use 'body_base64' for binary data", frame_id=frame_id)
 
+    def decode_from_server(self, payload: bytes, is_binary: bool) -> Frame:
+        """What a server sends, as a typed ``Frame``; ``FrameError`` for what cannot be used.
+
+        Plain frames (not ours) are ``Message`` frames on ``message`` / ``binary.message``."""
+        obj = self.loads(payload, is_binary)
+        if obj is None:
+            return Message(BrokerMessage(PLAIN_BINARY_SUBJECT if is_binary else PLAIN_TEXT_SUBJECT, payload))
+        if type(obj) is not dict:
+            raise FrameError(f"a frame must be an object, got {type(obj).__name__}")
+        frame_id = obj.get("id")
+        kind = obj.get("type", MESSAGE)
+        if kind == MESSAGE or kind == REPLY:
+            hops = obj.get("hops", 0)
+            if type(hops) is not int or hops < 0:
+                raise FrameError("'hops' must be a non-negative integer", frame_id=frame_id)
+            return (Message if kind == MESSAGE else Reply)(self._message(obj, frame_id), frame_id, hops)
+        if kind == WELCOME:
+            return Welcome(_text_or_none(obj.get("session_id")), _text_or_none(obj.get("reply_to")),
+                           _text_or_none(obj.get("protocol")), obj.get("max_message_size"))
+        if kind == ERROR:
+            return Error(str(obj.get("code", "error")), str(obj.get("message", "")), frame_id)
+        if kind in _SUBJECT_FRAMES:
+            return _SUBJECT_FRAMES[kind](_text_or_none(obj.get("subject")), frame_id)
+        if kind == PONG:
+            return Pong(frame_id)
+        raise FrameError(f"unknown frame type {kind!r} from the server; expected one of: "
+                         + ", ".join(sorted(SERVER_KINDS)), frame_id=frame_id)
+
     # -- outbound ---------------------------------------------------------------------
 
+    def encode(self, frame: Frame):
+        """``(payload, is_binary)`` for any ``Frame`` (either direction)."""
+        kind = frame.kind
+        if frame.message is not None:
+            if frame.hops or frame.timeout_ms is not None:
+                payload = self._message_with(frame.message, kind, frame.frame_id, frame.hops, frame.timeout_ms)
+            else:
+                payload = self.message(frame.message, kind, frame.frame_id)
+        elif kind == ERROR:
+            payload = self.error(frame.code, frame.text, frame.frame_id)
+        elif kind == WELCOME:
+            payload = self.control(WELCOME, session_id=frame.session_id, reply_to=frame.reply_to,
+                                   protocol=frame.protocol, max_message_size=frame.max_message_size)
+        elif frame.subject is not None:
+            payload = self.control(kind, subject=frame.subject, id=frame.frame_id, queue=frame.queue)
+        else:
+            payload = self.control(kind, id=frame.frame_id)
+        return payload, self.is_binary
+
     def message(self, msg: BrokerMessage, kind: str = MESSAGE, frame_id=None) -> bytes:
+        """A message, reply or request frame: the server's hot path (``encode`` gives the same bytes)."""
         obj = {"type": kind, "subject": msg.subject}
         self.put_body(obj, msg.body)
         if msg.reply_to is not None:
             obj["reply_to"] = msg.reply_to
         if frame_id is not None:
             obj["id"] = frame_id
+        return self.dumps(obj)
+
+    def _message_with(self, msg: BrokerMessage, kind, frame_id, hops, timeout_ms) -> bytes:
+        obj = {"type": kind, "subject": msg.subject}
+        self.put_body(obj, msg.body)
+        if msg.reply_to is not None:
+            obj["reply_to"] = msg.reply_to
+        if frame_id is not None:
+            obj["id"] = frame_id
+        if timeout_ms is not None:
+            obj["timeout_ms"] = timeout_ms
+        if hops:
+            obj["hops"] = hops
         return self.dumps(obj)
 
     def error(self, code: str, message: str, frame_id=None) -> bytes:
@@ -194,6 +422,10 @@ class _Codec:
         obj = {"type": kind}
         obj.update((k, v) for k, v in fields.items() if v is not None)
         return self.dumps(obj)
+
+
+def _text_or_none(value):
+    return value if type(value) is str and value else None
 
 
 # Subjects already found valid (bounded; cleared when full).
