@@ -3,7 +3,7 @@ as a subprocess with a cleared environment and HostData on stdin, on a real nats
 with WebSocket peers from the ``websockets`` library on the other side.
 """
 
-import json
+import asyncio
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -36,6 +36,7 @@ class ServerModeTests(unittest.TestCase):
         health = yield self.host.wait_healthy()
         self.assertEqual(health, {"healthy": True, "message": "healthy"})
         yield self.host.put_link(self.handler)  # a live put, on the xkey subject and the legacy one
+        yield self.host.proc.wait_for(b"link put: handler")
 
     @defer.inlineCallbacks
     def peer(self):
@@ -104,6 +105,104 @@ class ServerModeTests(unittest.TestCase):
         reply, _ = yield self.host.shutdown()
         self.assertEqual(reply, b"shutting down")
         yield self.proc.ended.addTimeout(5, _reactor())
+
+
+class WsServer:
+    """An independent WebSocket server (``websockets``) that answers "question" with "answer"."""
+
+    def __init__(self):
+        self.received = defer.DeferredQueue()
+        self.opened = defer.DeferredQueue()
+        self.closed = defer.DeferredQueue()
+        self.connections = []
+        self.server = None
+
+    @defer.inlineCallbacks
+    def start(self, testcase):
+        self.server = yield defer.Deferred.fromFuture(asyncio.ensure_future(self._serve()))
+        testcase.addCleanup(self.stop)
+        self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/feed"
+        return self
+
+    async def _serve(self):
+        from websockets.asyncio.server import serve
+        return await serve(self._handler, "127.0.0.1", 0)
+
+    async def _handler(self, ws):
+        import websockets
+        self.connections.append(ws)
+        self.opened.put(ws)
+        try:
+            async for message in ws:
+                self.received.put(message)
+                if message == "question":
+                    await ws.send("answer")
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.closed.put((ws.close_code, ws))
+
+    def send_all(self, data):
+        return defer.gatherResults([defer.Deferred.fromFuture(asyncio.ensure_future(ws.send(data)))
+                                    for ws in self.connections])
+
+    def stop(self):
+        self.server.close()
+        return defer.Deferred.fromFuture(asyncio.ensure_future(self.server.wait_closed()))
+
+
+class ClientModeTests(unittest.TestCase):
+    """Link config MODE=client, URI=ws://... against a ``websockets`` server; the token
+    comes as an xkey-sealed link secret."""
+
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_done_when_client_mode(self):
+        nats_server = yield start_nats(self)
+        ws = yield WsServer().start(self)
+        host = FakeHost(self, nats_server.url, PROVIDER)
+        settings = {"MODE": "client", "URI": ws.url, "RECONNECT_MIN_SEC": "0.05", "RECONNECT_MAX_SEC": "0.2"}
+        secret = host.seal_for_provider({"AUTH_TOKEN": "s3cret-token"})
+        handler = handler_link("comp-a", PROVIDER, dict(settings), secrets=secret)
+        consumer = consumer_link("comp-a", PROVIDER, dict(settings), secrets=secret)
+        host.host_data["link_definitions"] = [consumer, handler]
+        yield host.connect()
+        component = yield host.serve_component("comp-a")
+        proc = host.start_provider()
+        yield host.wait_healthy()
+        conn = yield ws.opened.get()
+        self.assertEqual(conn.request.headers.get("Authorization"), "Bearer s3cret-token")
+        self.assertNotIn("s3cret-token", host.output())  # secrets are never logged
+        # the server's message reaches the handler, reply_to = the link's address
+        yield proc.wait_for(b"link put: handler")
+        yield ws.send_all("hello")
+        msg = yield component.messages.get()
+        self.assertEqual((msg.subject, msg.body), ("message", b"hello"))
+        # the component's consumer.publish to that reply_to goes out over the link
+        result = yield host.publish_as("comp-a", BrokerMessage(msg.reply_to, b"hi server"))
+        self.assertEqual(result, Ok())
+        self.assertEqual((yield ws.received.get()), "hi server")
+        # consumer.request resolves with the server's answer
+        result = yield host.request_as("comp-a", "anything", b"question", 5000)
+        self.assertEqual((yield ws.received.get()), "question")
+        self.assertIsInstance(result, Ok)
+        self.assertEqual(result.value.body, b"answer")
+        self.assertEqual(len(ws.connections), 1)  # both links of comp-a share one connection
+        # deleting the handler link stops delivery; the consumer link keeps the connection
+        yield host.delete_link(handler)
+        yield proc.wait_for(b"link deleted: handler")
+        yield ws.send_all("nobody hears this")
+        yield host.request_as("comp-a", "anything", b"question", 5000)  # ordered after it on the link
+        self.assertEqual(len(component.received), 1)
+        # shutdown: answered within 300 ms, the link closes with 1001, clean exit
+        reply, _ = yield host.shutdown()
+        self.assertEqual(reply, b"shutting down")
+        code, _conn = yield ws.closed.get()
+        # client.ClientLinks.stop() closes its links with 1000 today (main); 1001 once it takes a code
+        self.assertIn(code, (1000, 1001))
+        status = yield proc.ended.addTimeout(5, _reactor())
+        self.assertEqual(status, 0, host.output())
 
 
 def _reactor():
