@@ -120,7 +120,7 @@ class WebSocketSide:
         group.owners.discard((role, component_id))
         if not group.owners:
             self.groups.pop(group.key, None)
-            yield group.provider.stopService()
+            yield self._stop_group(group)
         return True
 
     def sessions(self) -> int:
@@ -131,8 +131,13 @@ class WebSocketSide:
         groups, self.groups = list(self.groups.values()), {}
         self._consumers.clear()
         self._of.clear()
-        return defer.DeferredList([defer.maybeDeferred(g.provider.stopService) for g in groups
-                                   if g.provider.running], consumeErrors=True)
+        return defer.DeferredList([self._stop_group(g) for g in groups], consumeErrors=True)
+
+    @staticmethod
+    def _stop_group(group):
+        # A provider still starting has no listening port to close yet: let it finish first.
+        d = _settled(group.ready) if group.ready is not None else defer.succeed(None)
+        return d.addCallback(lambda _: group.provider.stopService() if group.provider.running else None)
 
     def describe(self) -> list:
         return [{"mode": g.config.mode, "uri": g.config.uri, "port": g.provider.port,

@@ -134,9 +134,6 @@ class Wasmcloud1Provider(service.MultiService):
                            component=component, ns=link.wit_namespace, pkg=link.wit_package,
                            ifaces=",".join(link.interfaces), error=error)
             return defer.succeed(None)
-        self.log.info("link put: {role} {component} ({ns}:{pkg}/{ifaces}), config keys {keys}",
-                      role=_role_name(role), component=component, ns=link.wit_namespace, pkg=link.wit_package,
-                      ifaces=",".join(link.interfaces), keys=", ".join(sorted(link.config_for(role))) or "(none)")
         if role == "target":
             d = self.side.link_target(component, config)
         else:
@@ -145,6 +142,9 @@ class Wasmcloud1Provider(service.MultiService):
             d = self.side.link_source(component, config, remote)
         d.addErrback(lambda f: self.log.error("link {component} could not be set up: {error}",
                                               component=component, error=f.getErrorMessage()))
+        self.log.info("link put: {role} {component} ({ns}:{pkg}/{ifaces}), config keys {keys}",
+                      role=_role_name(role), component=component, ns=link.wit_namespace, pkg=link.wit_package,
+                      ifaces=",".join(link.interfaces), keys=", ".join(sorted(link.config_for(role))) or "(none)")
         return d
 
     def link_del(self, link):
@@ -161,9 +161,9 @@ class Wasmcloud1Provider(service.MultiService):
         return {"healthy": True, "message": "healthy"}
 
     def config_update(self, config: dict):
+        self.base_config = self._base(config)
         self.log.info("provider config updated (keys {keys}); applies to links put from now on",
                       keys=", ".join(sorted(config)) or "(none)")
-        self.base_config = self._base(config)
 
     def shutdown(self):
         """Close the WebSocket side (sessions get 1001) within the answer budget; fires then."""
@@ -190,10 +190,10 @@ class Wasmcloud1Provider(service.MultiService):
         finally:
             if self.running:
                 yield defer.maybeDeferred(service.MultiService.stopService, self)
-            if not self.exited.called:
-                self.exited.callback(None)
             if self.on_exit is not None:
                 self.on_exit()
+            if not self.exited.called:
+                self.exited.callback(None)
 
     def stopService(self):
         if self.exited.called:
