@@ -205,6 +205,32 @@ class ClientModeTests(unittest.TestCase):
         self.assertEqual(status, 0, host.output())
 
 
+class TwistdTests(unittest.TestCase):
+    """The same wiring by hand: ``twistd -n wsprovider --wasmcloud-host-data -``."""
+
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_twistd_runs_the_provider_and_stops_on_shutdown(self):
+        import sys
+        from tests.wasmcloud1host import REPO_ROOT
+        nats_server = yield start_nats(self)
+        host = FakeHost(self, nats_server.url, PROVIDER, config={"URI": f"127.0.0.1:{free_port()}"},
+                        links=[consumer_link("comp-a", PROVIDER)])
+        yield host.connect()
+        twistd = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; "
+                  "sys.argv[0] = 'twistd'; run()", "-n", "--pidfile=", "wsprovider", "--wasmcloud-host-data", "-"]
+        proc = host.start_provider(env={"PYTHONPATH": REPO_ROOT}, argv=twistd)
+        health = yield host.wait_healthy()
+        self.assertTrue(health["healthy"])
+        result = yield host.publish_as("comp-a", BrokerMessage("nobody", b"x"))
+        self.assertIsInstance(result, Err)  # linked, served; nobody subscribes to "nobody"
+        reply, _ = yield host.shutdown()
+        self.assertEqual(reply, b"shutting down")
+        status = yield proc.ended.addTimeout(10, _reactor())
+        self.assertEqual(status, 0, host.output())
+
+
 def _reactor():
     from twisted.internet import reactor
     return reactor

@@ -154,13 +154,17 @@ class FakeHost:
         self.testcase.addCleanup(self.wrpc_server.stop)
         return self
 
-    def start_provider(self, env=None):
-        """Spawn the provider as the host does; returns its process protocol."""
-        launcher = write_launcher(os.path.join(os.path.abspath(self.testcase.mktemp()) + ".bin"),
-                                  sys.executable, extra_path=REPO_ROOT)
+    def start_provider(self, env=None, argv=None):
+        """Spawn the provider as the host does; returns its process protocol.
+
+        ``argv``: run this command instead of the PAR launcher (e.g. twistd), same stdin and env."""
+        if argv is None:
+            launcher = write_launcher(os.path.join(os.path.abspath(self.testcase.mktemp()) + ".bin"),
+                                      sys.executable, extra_path=REPO_ROOT)
+            argv = [launcher]
         proc = _ProviderProcess(encode_host_data(self.host_data))
         clean_env = {"RUST_LOG": "info"} if env is None else env
-        self.process = reactor.spawnProcess(proc, launcher, [launcher], env=clean_env, path="/")
+        self.process = reactor.spawnProcess(proc, argv[0], argv, env=clean_env, path=REPO_ROOT)
         self.proc = proc
         self.testcase.addCleanup(self._kill)
         return proc

@@ -48,6 +48,23 @@ def _stop(reactor):
         reactor.stop()
 
 
+def make_service(source: str, reactor=None):
+    """For ``twistd wsprovider --wasmcloud-host-data SOURCE``: the provider service, HostData
+    read from ``SOURCE`` (``-`` for stdin, else a file holding the line). twistd's own
+    logging applies; a host shutdown stops the reactor."""
+    if reactor is None:
+        from twisted.internet import reactor
+    from .service import Wasmcloud1Provider
+
+    if source == "-":
+        line = sys.stdin.buffer.readline()
+    else:
+        with open(source, "rb") as f:
+            line = f.readline()
+    host_data = read_host_data(line)
+    return Wasmcloud1Provider(host_data, reactor, on_exit=lambda: reactor.callLater(0, _stop, reactor))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
