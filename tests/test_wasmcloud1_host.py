@@ -18,7 +18,9 @@ from wsprovider.wasmcloud1.wrpc import WrpcTrap
 PROVIDER = "wsprovider-test"
 
 
-class ServerModeTests(unittest.TestCase):
+class ServerModeTestCase(unittest.TestCase):
+    """Provider config MODE=server on a free port; comp-a linked both ways."""
+
     timeout = 90
 
     @defer.inlineCallbacks
@@ -49,6 +51,9 @@ class ServerModeTests(unittest.TestCase):
             self.addCleanup(peer.close)
             return peer
         self.fail(f"the WebSocket server did not come up:\n{self.host.output()}")
+
+
+class ServerModeTests(ServerModeTestCase):
 
     @defer.inlineCallbacks
     def test_done_when_server_mode(self):
@@ -105,6 +110,19 @@ class ServerModeTests(unittest.TestCase):
         reply, _ = yield self.host.shutdown()
         self.assertEqual(reply, b"shutting down")
         yield self.proc.ended.addTimeout(5, _reactor())
+
+
+class SignalTests(ServerModeTestCase):
+    """SIGTERM (an operator, or a host stopping without a shutdown request) drains as shutdown does."""
+
+    @defer.inlineCallbacks
+    def test_sigterm_closes_sessions_with_1001_and_exits_cleanly(self):
+        peer = yield self.peer()
+        self.host.process.signalProcess("TERM")
+        code, _reason = yield peer.wait_closed()
+        self.assertEqual(code, 1001)
+        status = yield self.proc.ended.addTimeout(5, _reactor())
+        self.assertEqual(status, 0, self.host.output())
 
 
 class WsServer:
