@@ -42,15 +42,10 @@ class ServerModeTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def peer(self):
-        for _ in range(100):  # the listener comes up when the first link of its group is put
-            try:
-                peer = yield WebsocketsPeer.connect(f"ws://127.0.0.1:{self.ws_port}/ws")
-            except OSError:
-                yield self.host.nats.flush()
-                continue
-            self.addCleanup(peer.close)
-            return peer
-        self.fail(f"the WebSocket server did not come up:\n{self.host.output()}")
+        yield self.host.proc.wait_for(b"WebSocket server for")  # the group's listener is up
+        peer = yield WebsocketsPeer.connect(f"ws://127.0.0.1:{self.ws_port}/ws")
+        self.addCleanup(peer.close)
+        return peer
 
 
 class ServerModeTests(ServerModeTestCase):
