@@ -18,7 +18,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ..config import _SECRET_KEYS, ConfigError, ProviderConfig
+from ..config import ConfigError, ProviderConfig
 from ..message import MessagingError
 from ..nats import NatsClient
 from . import messaging as m
@@ -30,7 +30,7 @@ from .values import Err, Ok
 from .wrpc import Inbox, WrpcClient, WrpcError, WrpcServer
 
 # Secrets whose names are settings become those settings; others are not ours and are ignored.
-SECRET_SETTINGS = _SECRET_KEYS
+SECRET_SETTINGS = frozenset({"AUTH_TOKEN", "AUTH_TOKENS", "JWT_SECRET", "ADMIN_TOKEN", "NATS_TOKEN", "NATS_PASSWORD"})
 # Share of the host's 300 ms shutdown wait we give the WebSocket side before answering.
 SHUTDOWN_ANSWER_BUDGET_SEC = 0.2
 SHUTDOWN_TOTAL_BUDGET_SEC = 4.0
