@@ -122,6 +122,20 @@ class ConsumerTests(ServiceTestCase):
         self.assertIn("no responders", result.value)
 
     @defer.inlineCallbacks
+    def test_params_over_max_payload_are_reassembled(self):
+        """A 1 MB body does not fit one NATS message (max_payload 1 MiB with subject, reply and
+        headers): the invocation carries part, .params the rest; the value decodes whole and
+        the session's own limit answers, as an err value naming the full size."""
+        port = free_port()
+        yield self.start(config={"URI": f"127.0.0.1:{port}"}, links=[consumer_link("comp-a", P)])
+        yield self.logs.wait_for("ready")
+        peer = yield WebsocketsPeer.connect(f"ws://127.0.0.1:{port}/ws")
+        self.addCleanup(peer.close)
+        result = yield self.host.request_as("comp-a", peer.address, b"b" * 1048000, 5000)
+        self.assertIsInstance(result, Err)
+        self.assertIn("1048114 bytes framed", result.value)
+
+    @defer.inlineCallbacks
     def test_host_secret_auth_token_guards_the_server(self):
         port = free_port()
         yield self.start(config={"URI": f"127.0.0.1:{port}"}, links=[consumer_link("comp-a", P)],
