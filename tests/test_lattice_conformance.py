@@ -717,3 +717,14 @@ class NatsClusterConformance(NatsExtras, LatticeConformanceMixin, unittest.TestC
         servers = yield self._servers()
         lattice = yield started_nats_lattice(self, servers[2].url, subject_prefix="tenant")
         return lattice
+
+
+class Wasmcloud1LatticeConformance(LatticeConformanceMixin, unittest.TestCase):
+    """The wasmCloud 1.x lattice's bus, as the provider builds it for one link group (its wRPC
+    side, reaching components, is tested in tests/test_wasmcloud1_host.py)."""
+
+    capabilities = frozenset({IConnectionState, IExactBroadcastCount, ISynchronousDispatch, IAcknowledgedPublish})
+
+    def make_lattice(self):
+        from .wasmcloud1host import make_wasmcloud1_lattice
+        return make_wasmcloud1_lattice(self)

@@ -94,6 +94,12 @@ class Options(usage.Options):
         NATS_URL). Example: nats://127.0.0.1:4222"""
         self["nats-url"] = url
 
+    def opt_wasmcloud_host_data(self, source):
+        """Run as a wasmCloud 1.x capability provider: read the HostData line from SOURCE
+        ('-' for stdin, as the host writes it; or a file). Other options are ignored: the
+        config comes from HostData and link definitions (see docs/wasmcloud1.rst)."""
+        self["wasmcloud-host-data"] = source
+
     def opt_header(self, spec):
         """Client mode: an HTTP header for the upgrade request, as Name=value. Repeatable
         (same as the HEADER_<name> key)."""
@@ -147,6 +153,13 @@ def grouped_help(width: int = 100) -> str:
 def makeService(options) -> WebSocketMessagingProvider:
     from .tuning import tune_gc
     tune_gc()  # this process runs the service: fewer cyclic-GC passes (see wsprovider/tuning.py)
+    if options.get("wasmcloud-host-data"):
+        from .wasmcloud1.hostdata import HostDataError
+        from .wasmcloud1.main import make_service
+        try:
+            return make_service(options["wasmcloud-host-data"])
+        except (HostDataError, OSError) as e:
+            raise usage.UsageError(f"--wasmcloud-host-data: {e}") from None
     config = options["config"]
     try:
         provider = WebSocketMessagingProvider(config)

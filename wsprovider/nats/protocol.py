@@ -9,6 +9,7 @@ import json
 from collections import deque
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -187,6 +188,13 @@ class NatsProtocol(Protocol):
         self.transport.loseConnection()
 
     # -- Twisted Protocol -------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        # Writes are already batched per reactor turn; Nagle's algorithm on top would hold a
+        # small message back until the previous one is ACKed (~40 ms with delayed ACKs), which
+        # is every multi-message exchange (wRPC handshakes, request/reply).
+        if ITCPTransport.providedBy(self.transport):  # not on memory transports in tests
+            self.transport.setTcpNoDelay(True)
 
     def dataReceived(self, data: bytes) -> None:
         self._receiving = True
