@@ -89,9 +89,16 @@ def _flagged(message: str) -> str:
 
 
 def makeService(options) -> WebSocketMessagingProvider:
+    config = options["config"]
+    if config.mode == "server" and config.workers > 1:
+        from .workers import WorkerSupervisor, listen_address
+        try:
+            listen_address(config.uri)
+        except ConfigError as e:
+            raise usage.UsageError(_flagged(str(e))) from None
+        return WorkerSupervisor(config, options["handlers"])  # the workers run the provider
     from .tuning import tune_gc
     tune_gc()  # this process runs the service: fewer cyclic-GC passes (see wsprovider/tuning.py)
-    config = options["config"]
     provider = WebSocketMessagingProvider(config)
     for index, (spec, handler) in enumerate(options["handler_objects"]):
         component_id = f"handler-{index}:{spec}"
