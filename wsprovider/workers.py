@@ -240,12 +240,13 @@ class WorkerSupervisor(service.Service):
     :param config: the service's ``ProviderConfig`` (server mode, ``tcp:``/``tcp6:`` URI).
     :param handlers: ``module:attr`` specs of the Python handlers every worker loads.
     :param events: an ``IWorkerEvents`` provider told about readiness and exits.
+    :param env: environment variables for the workers, over this process's own.
     """
 
     log = Logger(namespace="wsprovider.workers")
 
     def __init__(self, config: ProviderConfig, handlers=(), count: int | None = None, reactor=None,
-                 events=None, python: str = sys.executable):
+                 events=None, python: str = sys.executable, env=None):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -254,6 +255,7 @@ class WorkerSupervisor(service.Service):
         self.count = count if count is not None else config.workers
         self.events = events if events is not None else _NoEvents()
         self.python = python
+        self.env = dict(env or {})
         self.sockets = []
         self.nats = None
         self.nats_url = config.nats_url
@@ -323,7 +325,7 @@ class WorkerSupervisor(service.Service):
         worker.ended = defer.Deferred()
         relay = _LineRelay(lambda line, w=worker: self._worker_line(w, line),
                            lambda status, w=worker: self._worker_ended(w, status))
-        env = dict(os.environ)
+        env = dict(os.environ, **self.env)
         worker.process = self.reactor.spawnProcess(
             relay, self.python, [self.python, "-c", WORKER_BOOT], env=env,
             childFDs={0: "w", 1: "r", 2: "r", 3: self._socket_for(worker).fileno()})
