@@ -21,6 +21,10 @@ private loopback port and supervises (restarted on the same port if it dies).
   1001 to idle sessions, in-flight requests get up to ``DRAIN_TIMEOUT_SEC``), kills the
   ones still alive ``DRAIN_TIMEOUT_SEC + 10`` s later, then stops the embedded nats-server.
 
+Under systemd use ``KillMode=mixed`` (SIGTERM to the supervisor only): with the default
+``control-group`` every process, the embedded nats-server included, gets SIGTERM at once
+and the workers drain without their bus.
+
 Workers get their configuration as JSON on stdin (secrets never appear in ``ps``); their
 log lines are relayed into the supervisor's log, prefixed with the worker's number.
 Only ``tcp:``/``tcp6:`` URIs can be shared (terminate TLS in front of the workers).
