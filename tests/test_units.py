@@ -83,6 +83,21 @@ class EnvelopeTests(unittest.TestCase):
             decoded = codec.decode(frame, codec.is_binary)
             self.assertEqual(decoded.message, BrokerMessage(subject, body))
 
+    @given(st.lists(st.sampled_from(["x", "é", '"', "\\", "\n", "\x00", "\x1f", "\x7f", "\u2028", "😀", "/"]),
+                    min_size=400, max_size=700), st.booleans(), st.sampled_from([None, "id-1", 7]))
+    def test_json_body_copied_verbatim_only_when_identical(self, chars, broken, frame_id):
+        """Bodies of 512 bytes or more that need no escaping are copied as they are; the
+        frame must be byte-identical to the generic encoder's either way."""
+        from wsprovider.envelope import JsonCodec, _Codec
+        text = "".join(chars)
+        clean = "".join(c for c in text if c not in '"\\\n\x00\x1f').ljust(512, "x")  # the verbatim path
+        extra = b"\xff" if broken else b""
+        codec = JsonCodec()
+        for body in (text.encode() + extra, clean.encode() + extra):
+            for msg in (BrokerMessage("a.b", body), BrokerMessage("a.b", body, "r.x")):
+                self.assertEqual(codec.message(msg, frame_id=frame_id),
+                                 _Codec.message(codec, msg, "message", frame_id))
+
     def test_seed_forms(self):
         self.assertEqual(DEFAULT_CODEC.decode(b"plain", False).message, BrokerMessage("message", b"plain"))
         self.assertEqual(DEFAULT_CODEC.decode(b"\x00\x01", True).message, BrokerMessage("binary.message", b"\x00\x01"))

@@ -350,6 +350,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Server mode: window of RATE_LIMIT_MAX_VIOLATIONS.", group=LIMITS),
     Setting("MAX_CONNECTIONS", 0, integer(0, 10_000_000),
             "Server mode: concurrent WebSocket sessions; more are refused with HTTP 503 (0: no limit).", group=LIMITS),
+    Setting("WORKERS", 1, integer(1, 256),
+            "Server mode: processes sharing the listening socket (tcp: URIs), so sessions spread over the "
+            "cores; they meet on NATS_URL, or on a nats-server the service starts on a private loopback port. "
+            "Handlers run in every worker. 1: a single process, embedded lattice as usual.", group=SERVER),
     Setting("DRAIN_TIMEOUT_SEC", 10.0, number(0, 3600),
             "On shutdown: how long in-flight peer requests may take to finish before the remaining "
             "sessions are closed with 1001.", group=LIMITS),

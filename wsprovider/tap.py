@@ -151,8 +151,6 @@ def grouped_help(width: int = 100) -> str:
 
 
 def makeService(options) -> WebSocketMessagingProvider:
-    from .tuning import tune_gc
-    tune_gc()  # this process runs the service: fewer cyclic-GC passes (see wsprovider/tuning.py)
     if options.get("wasmcloud-host-data"):
         from .wasmcloud1.hostdata import HostDataError
         from .wasmcloud1.main import make_service
@@ -161,6 +159,15 @@ def makeService(options) -> WebSocketMessagingProvider:
         except (HostDataError, OSError) as e:
             raise usage.UsageError(f"--wasmcloud-host-data: {e}") from None
     config = options["config"]
+    if config.mode == "server" and config.workers > 1:
+        from .workers import WorkerSupervisor, listen_address
+        try:
+            listen_address(config.uri)
+        except ConfigError as e:
+            raise usage.UsageError(flagged(str(e))) from None
+        return WorkerSupervisor(config, options["handlers"])  # the workers run the provider
+    from .tuning import tune_gc
+    tune_gc()  # this process runs the service: fewer cyclic-GC passes (see wsprovider/tuning.py)
     try:
         provider = WebSocketMessagingProvider(config)
     except ConfigError as e:

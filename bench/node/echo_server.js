@@ -1,17 +1,21 @@
 #!/usr/bin/env node
 // Reference server for measuring the load generator's own ceiling: Node ws echo (and
-// broadcast on a "bench.broadcast" trigger, like the Python servers).
-//   node echo_server.js PORT NEWS      prints "READY <port>"; NEWS is the broadcast frame
+// broadcast on a "bench.broadcast" trigger, like the Python servers: the news frame
+// carries the trigger's body, see bench/servers/news.py).
+//   node echo_server.js PORT      prints "READY <port>"
 'use strict';
 const WebSocket = require('ws');
 const wss = new WebSocket.WebSocketServer({ host: '127.0.0.1', port: +(process.argv[2] || 0),
-                                           perMessageDeflate: false, backlog: 4096 });
+                                           perMessageDeflate: false, backlog: 4096,
+                                           maxPayload: 1 << 20 });
 const TRIGGER = Buffer.from('{"subject":"bench.broadcast"');
-const NEWS = Buffer.from(process.argv[3] || '{}');
+const TRIGGER_BODY_AT = '{"subject":"bench.broadcast","body":"'.length;
+const NEWS = Buffer.from('{"type":"message","subject":"bench.news","body":"');
 wss.on('connection', (ws) => {
   ws.on('message', (data, isBinary) => {
-    if (data.length >= TRIGGER.length && data.compare(TRIGGER, 0, TRIGGER.length, 0, TRIGGER.length) === 0) {
-      for (const c of wss.clients) c.send(NEWS, { binary: false });
+    if (!isBinary && data.length >= TRIGGER.length && data.compare(TRIGGER, 0, TRIGGER.length, 0, TRIGGER.length) === 0) {
+      const news = Buffer.concat([NEWS, data.subarray(TRIGGER_BODY_AT)]);
+      for (const c of wss.clients) c.send(news, { binary: false });
     } else {
       ws.send(data, { binary: isBinary });
     }

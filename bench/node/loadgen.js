@@ -7,14 +7,34 @@
 //   node loadgen.js broadcast URL CLIENTS WINDOW WARMUP_S DURATION_S TRIGGER WELCOME
 //   node loadgen.js connect   URL COUNT CONCURRENCY HOLD_S WELCOME
 //
+// MESSAGE / TRIGGER is the frame's text, or @PATH to read the frame from a file (large
+// or binary frames). Options anywhere after the mode: --binary sends binary frames,
+// --protocol=NAME offers that WebSocket subprotocol (e.g. wsprovider.v1.msgpack).
 // WELCOME=1 waits for the server's first frame (wsprovider's welcome) before a
 // connection counts as open. Output: "START" when the measured window begins, then one
 // JSON line with the result (including this process's own CPU use in that window).
 'use strict';
 const WebSocket = require('ws');
 
-const TEXT = { binary: false };
-const OPTS = { perMessageDeflate: false, maxPayload: 1 << 20 };
+const fs = require('fs');
+
+let TEXT = { binary: false };
+// An all-zero masking key: ws then skips masking its frames (the servers unmask as usual),
+// which keeps the generator below its ceiling with 16 and 64 KiB frames. Fine for a
+// benchmark on loopback; a browser's random key protects proxies, not the server.
+const OPTS = { perMessageDeflate: false, maxPayload: 1 << 20, generateMask: (mask) => mask.fill(0) };
+let PROTOCOLS = [];
+// An error frame in either codec: JSON '"type":"error"', msgpack fixstr "type" then "error".
+const ERROR_JSON = '"type":"error"';
+const ERROR_MSGPACK = Buffer.from([0xa4, 0x74, 0x79, 0x70, 0x65, 0xa5, 0x65, 0x72, 0x72, 0x6f, 0x72]);
+
+function frame(spec) {
+  return spec.startsWith('@') ? fs.readFileSync(spec.slice(1)) : Buffer.from(spec);
+}
+
+function isError(data) {
+  return data.indexOf(ERROR_JSON) !== -1 || data.indexOf(ERROR_MSGPACK) !== -1;
+}
 
 function cpuNow() {
   const u = process.cpuUsage();
@@ -43,7 +63,7 @@ function openMany(url, count, concurrency, welcome, onEach) {
     function startOne() {
       const i = started++;
       inflight++;
-      const ws = new WebSocket(url, OPTS);
+      const ws = new WebSocket(url, PROTOCOLS, OPTS);
       socks[i] = ws;
       let done = false;
       const ready = () => {
@@ -98,14 +118,14 @@ function closeAll(socks) {
 }
 
 async function echo(url, clients, window, warmup, duration, message, welcome) {
-  const payload = Buffer.from(message);
+  const payload = frame(message);
   const { socks, opened, failed, errors } = await openMany(url, clients, 100, welcome);
   if (failed) fail(`echo: ${failed} connections failed ${JSON.stringify(errors)}`);
   let received = 0, errorsSeen = 0, running = true;
   for (const ws of socks) {
     ws.on('message', (data) => {
       received++;
-      if ((received & 63) === 1 && data.indexOf('"type":"error"') !== -1) errorsSeen++;
+      if ((received & 63) === 1 && isError(data)) errorsSeen++;
       if (running) ws.send(payload, TEXT);
     });
     for (let k = 0; k < window; k++) ws.send(payload, TEXT);
@@ -122,7 +142,7 @@ async function echo(url, clients, window, warmup, duration, message, welcome) {
 }
 
 async function latency(url, count, warmup, message, welcome) {
-  const payload = Buffer.from(message);
+  const payload = frame(message);
   const { socks, failed } = await openMany(url, 1, 1, welcome);
   if (failed) fail('latency: connection failed');
   const ws = socks[0];
@@ -151,7 +171,7 @@ async function latency(url, count, warmup, message, welcome) {
 }
 
 async function broadcast(url, clients, window, warmup, duration, trigger, welcome) {
-  const payload = Buffer.from(trigger);
+  const payload = frame(trigger);
   const { socks, failed, errors } = await openMany(url, clients, 100, welcome);
   if (failed) fail(`broadcast: ${failed} connections failed ${JSON.stringify(errors)}`);
   const sender = socks[0];
@@ -195,7 +215,13 @@ async function connect(url, count, concurrency, hold, welcome) {
 }
 
 async function main() {
-  const [mode, url, ...a] = process.argv.slice(2);
+  const argv = [];
+  for (const arg of process.argv.slice(2)) {
+    if (arg === '--binary') TEXT = { binary: true };
+    else if (arg.startsWith('--protocol=')) PROTOCOLS = [arg.slice('--protocol='.length)];
+    else argv.push(arg);
+  }
+  const [mode, url, ...a] = argv;
   if (!url || !url.startsWith('ws://127.0.0.1:')) fail('the URL must be ws://127.0.0.1:PORT/...');
   const welcome = a[a.length - 1] === '1';
   if (mode === 'echo') await echo(url, +a[0], +a[1], +a[2], +a[3], a[4], welcome);

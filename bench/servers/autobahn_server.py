@@ -1,11 +1,13 @@
 """Baseline: a plain Autobahn (Twisted) echo server with default options (NVX when present).
 
 Echoes every message back; a message starting with ``{"subject":"bench.broadcast"``
-sends NEWS to every connection (one ``sendMessage`` per connection, as the docs show).
+sends the news frame (the trigger's body, see ``bench/servers/news.py``) to every
+connection (one ``sendMessage`` per connection, as the docs show).
 
-    python bench/servers/autobahn_server.py PORT NEWS       # prints "READY <port>"
+    python bench/servers/autobahn_server.py PORT       # prints "READY <port>"
 """
 
+import os
 import sys
 
 import txaio
@@ -15,7 +17,8 @@ txaio.use_twisted()
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import reactor
 
-TRIGGER = b'{"subject":"bench.broadcast"'
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from news import TRIGGER_B, news_for  # noqa: E402
 
 
 class Echo(WebSocketServerProtocol):
@@ -26,19 +29,18 @@ class Echo(WebSocketServerProtocol):
         self.factory.clients.discard(self)
 
     def onMessage(self, payload, isBinary):
-        if not isBinary and payload.startswith(TRIGGER):
-            news = self.factory.news
+        if not isBinary and payload.startswith(TRIGGER_B):
+            news = news_for(payload)
             for c in list(self.factory.clients):
                 c.sendMessage(news, False)
         else:
             self.sendMessage(payload, isBinary)
 
 
-def main(port, news):
+def main(port):
     factory = WebSocketServerFactory()
     factory.protocol = Echo
     factory.clients = set()
-    factory.news = news.encode()
     factory.setProtocolOptions(perMessageCompressionAccept=lambda offers: None)
     listening = reactor.listenTCP(port, factory, backlog=4096, interface="127.0.0.1")
     print("READY", listening.getHost().port, flush=True)
@@ -46,4 +48,4 @@ def main(port, news):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]))

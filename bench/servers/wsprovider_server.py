@@ -3,7 +3,7 @@
 Envelope codec, permissions, routing on the lattice, a Python echo component
 (``wsprovider.handlers:echo`` linked to ``echo.>``) and a bench-only component on
 ``bench.broadcast`` that calls ``provider.broadcast_to_clients`` with the body it got,
-on subject ``bench.news``.
+on subject ``bench.news``. ``MAX_MESSAGE_SIZE`` is 1 MiB (the baselines' limit too).
 
     python bench/servers/wsprovider_server.py PORT [NATS_URL]   # prints "READY <port>"
 
@@ -38,7 +38,10 @@ def main(port, nats_url=None):
     # file) instead of piling up in the start-up buffer.
     from twisted.logger import globalLogBeginner, textFileLogObserver
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    config = {"MODE": "server", "URI": f"tcp:{port}:interface=127.0.0.1:backlog=4096"}
+    # MAX_MESSAGE_SIZE 1 MiB (default 64 KiB), as the baselines' limits: a 64 KiB echo's
+    # reply envelope is 31 bytes larger than the 64 KiB frame.
+    config = {"MODE": "server", "URI": f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+              "MAX_MESSAGE_SIZE": str(1 << 20)}
     if nats_url:
         config["NATS_URL"] = nats_url  # W5: the NATS lattice
     provider = WebSocketMessagingProvider.from_config(config, reactor=reactor)
