@@ -12,6 +12,7 @@ If ``nats-server`` is not installed the test fails (never skips) with the fix to
 """
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -31,10 +32,39 @@ def find_nats_server() -> str | None:
     return shutil.which("nats-server")
 
 
+_handed_out: set = set()
+
+
+def _ephemeral_range() -> tuple:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port that is free now and that this process has not handed out before.
+
+    Chosen below the kernel's ephemeral range: a port the kernel picked for ``bind(0)`` is
+    also what it picks for the source port of outgoing connections, so a server started on
+    it a moment later could find it taken by some test's client ("address already in use").
+    """
+    low, _ = _ephemeral_range()
+    first, last = (10000, low - 1) if low > 11000 else (low, 65535)
+    for _ in range(200):
+        port = random.randint(first, last)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port found in {first}-{last}")
 
 
 class _ServerProcess(protocol.ProcessProtocol):
