@@ -186,6 +186,15 @@ class IConnectionState(Interface):
     def remove_state_listener(listener):
         """Stop calling ``listener``."""
 
+    def when_connected():
+        """Deferred firing with the lattice once messages can flow (at once if they can)."""
+
+
+def when_lattice_connected(lattice):
+    """Deferred firing once ``lattice`` can carry messages (at once without ``IConnectionState``)."""
+    from twisted.internet import defer
+    return lattice.when_connected() if IConnectionState.providedBy(lattice) else defer.succeed(lattice)
+
 
 def lattice_connected(lattice) -> bool:
     """Whether messages can flow: ``IConnectionState`` says; any other lattice always can."""

@@ -217,11 +217,11 @@ def _wait_for_nats(reactor, provider):
     the process exits naming NATS_URL (instead of running on, disconnected)."""
     from twisted.internet import defer
 
-    from .lattice.nats import NatsLattice
+    from .interfaces import IConnectionState
     from .startup import describe_nats_unreachable
     config = provider.config
     timeout = config.nats_startup_timeout_sec
-    if not timeout or not isinstance(provider.lattice, NatsLattice) or provider.lattice.connected:
+    if not timeout or not IConnectionState.providedBy(provider.lattice) or provider.lattice.connected:
         return None
     waiting = provider.lattice.when_connected()
     waiting.addErrback(lambda _: None)  # stopped meanwhile: the timeout below decides

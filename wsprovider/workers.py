@@ -48,6 +48,7 @@ from zope.interface import Interface, implementer
 
 from .config import ConfigError, ProviderConfig
 from .endpoints import server_endpoint_description
+from .interfaces import when_lattice_connected
 
 READY_LINE = b"wsprovider-worker: ready"
 # The worker's first lines: the systemd-style variables go in before anything imports
@@ -425,8 +426,7 @@ def worker_main(stdin=None, stdout=None) -> int:
 
     def ready(_):
         # The NATS lattice connects in the background: ready once it is connected too.
-        when = getattr(provider.lattice, "when_connected", None)
-        return when() if when is not None else None
+        return when_lattice_connected(provider.lattice)
 
     def announce(_):
         stdout.write(READY_LINE.decode() + "\n")

@@ -143,6 +143,11 @@ class Wasmcloud1Lattice:
     def add_state_listener(self, listener):
         self._listeners.append(listener)
 
+    def when_connected(self):
+        if self._nats is None or self._nats.is_connected:
+            return defer.succeed(self)
+        return self._nats.when_connected().addCallback(lambda _: self)
+
     def remove_state_listener(self, listener):
         if listener in self._listeners:
             self._listeners.remove(listener)
