@@ -156,7 +156,7 @@ class ServerTestsMixin:
         yield peer.recv_json()
         err = yield self.assertFailure(d, RequestTimeout)
         self.assertIn("timed out after 200ms", str(err))
-        self.assertEqual(self.provider.lattice._pending, {})
+        self.assertEqual(len(self.provider.lattice._pending), 0)
         yield peer.close()
 
     @defer.inlineCallbacks
@@ -167,7 +167,7 @@ class ServerTestsMixin:
         yield peer.close()
         err = yield self.assertFailure(d, NotConnected)
         self.assertIn("disconnected before replying", str(err))
-        self.assertEqual(self.provider.lattice._pending, {})
+        self.assertEqual(len(self.provider.lattice._pending), 0)
 
     @defer.inlineCallbacks
     def test_peer_request_to_handler(self):
@@ -496,8 +496,8 @@ class HeldSubscribeLattice:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def subscribe(self, pattern, callback, queue=None):
-        d = self._real.subscribe(pattern, callback, queue)
+    def subscribe(self, pattern, callback, queue=None, on_status=None):
+        d = self._real.subscribe(pattern, callback, queue, on_status)
         if not pattern.startswith("room."):
             return d
         held = defer.Deferred()

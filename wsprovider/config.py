@@ -315,6 +315,28 @@ SETTINGS: tuple[Setting, ...] = (
             "Server mode: window of RATE_LIMIT_MAX_VIOLATIONS."),
     Setting("MAX_CONNECTIONS", 0, integer(0, 10_000_000),
             "Server mode: concurrent WebSocket sessions; more are refused with HTTP 503 (0: no limit)."),
+    Setting("HANDSHAKE_TIMEOUT_SEC", 10.0, number(1, 3600),
+            "Server mode: deadline for a new connection's whole HTTP request and WebSocket upgrade "
+            "(also for each further request on a kept-alive HTTP connection); past it the connection "
+            "is closed (408 if nothing was answered yet)."),
+    Setting("MAX_PENDING_HANDSHAKES", 512, integer(1, 1_000_000),
+            "Server mode: connections accepted but not upgraded to WebSocket yet (they also count "
+            "toward MAX_CONNECTIONS); more are answered 503 and closed at once."),
+    Setting("MAX_HANDSHAKES_PER_ADDRESS", 32, integer(1, 1_000_000),
+            "Server mode: not-yet-upgraded connections from one source IP address; more from that "
+            "address are answered 503 and closed at once, so one address cannot starve the others."),
+    Setting("MAX_INFLIGHT_REQUESTS", 128, integer(0, 1_000_000),
+            "Server mode: a session's request frames waiting for a reply; more are answered with a "
+            "too_many_requests error frame (0: no limit)."),
+    Setting("MAX_TOTAL_SUBSCRIPTIONS", 100_000, integer(0, 100_000_000),
+            "Server mode: subscriptions held by all sessions together; more are answered with a "
+            "too_many_subscriptions error frame (0: no limit)."),
+    Setting("MAX_FRAGMENTS_PER_MESSAGE", 128, integer(0, 1_000_000),
+            "Server mode: WebSocket frames (fragments) one inbound message may span; more close the "
+            "session with 1008 (0: no limit; MAX_MESSAGE_SIZE still bounds the bytes)."),
+    Setting("SLOW_CONSUMER_GRACE_SEC", 5.0, number(0.1, 3600),
+            "Server mode: after a slow consumer's 4008 close frame is queued behind what the socket "
+            "holds, how long the peer has to read up to it before the connection is aborted."),
     Setting("DRAIN_TIMEOUT_SEC", 10.0, number(0, 3600),
             "On shutdown: how long in-flight peer requests may take to finish before the remaining "
             "sessions are closed with 1001."),

@@ -46,10 +46,21 @@ def _check(subject: str, what: str) -> None:
         raise SubjectError(f"{what} must be a non-empty string")
     if len(subject) > MAX_SUBJECT_LENGTH:
         raise SubjectError(f"{what} is longer than {MAX_SUBJECT_LENGTH} characters")
+    if not subject.isascii():
+        try:
+            subject.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SubjectError(f"{what} {subject.encode('utf-8', 'backslashreplace').decode('ascii')!r} "
+                               "holds a lone surrogate, which is not UTF-8 text") from None
     if _BAD_CHARS.search(subject):
         raise SubjectError(f"{what} {subject!r} contains whitespace")
     if subject.startswith(".") or subject.endswith(".") or ".." in subject:
         raise SubjectError(f"{what} {subject!r} has an empty token")
+
+
+def check_queue(queue: str, *, what: str = "queue") -> str:
+    """Return ``queue`` if it is a valid queue group name (a literal subject, as NATS requires)."""
+    return check_subject(queue, what=what)
 
 
 def is_wildcard(pattern: str) -> bool:
@@ -163,3 +174,161 @@ class Permissions:
         else:
             new_allow = tuple(p for p in allow if any(pattern_covers(a, p) for a in self.allow))
         return Permissions(new_allow, self.deny + tuple(deny))
+
+
+class _Node:
+    __slots__ = ("literal", "star", "tail", "here")
+
+    def __init__(self):
+        self.literal: dict = {}   # token -> _Node
+        self.star = None          # the "*" child
+        self.tail = []            # entries of patterns ending in ">" at this level
+        self.here = []            # entries of patterns ending exactly here
+
+    def empty(self) -> bool:
+        return not (self.literal or self.star or self.tail or self.here)
+
+
+class SubjectTrie:
+    """Subscriptions by pattern, matched against literal subjects (nats-server's sublist).
+
+    Matching walks one path per wildcard branch that the subject's tokens actually meet,
+    so its cost does not grow with patterns that cannot match. Results are cached per
+    subject in a bounded cache (``cache_size`` entries, the oldest dropped first); a
+    change invalidates only the cached subjects the changed pattern matches.
+
+    ``private_first``: a pattern whose *first* token is a wildcard does not match a
+    subject whose first token starts with one of these characters (MQTT 4.7.2; the
+    embedded lattice keeps ``_INBOX`` and session addresses out of ``>``).
+
+    Entries are returned in the order they were added.
+    """
+
+    def __init__(self, cache_size: int = 1024, private_first: str = ""):
+        self._root = _Node()
+        self._cache: dict = {}
+        self.cache_size = cache_size
+        self._private = tuple(private_first)
+        self._seq = 0
+        self._order: dict = {}    # id(entry) -> sequence number (insertion order)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def insert(self, pattern: str, entry) -> None:
+        node = self._root
+        tokens = pattern.split(".")
+        last = len(tokens) - 1
+        for i, token in enumerate(tokens):
+            if token == ">" and i == last:
+                node.tail.append(entry)
+                break
+            if token == "*":
+                if node.star is None:
+                    node.star = _Node()
+                node = node.star
+            else:
+                child = node.literal.get(token)
+                if child is None:
+                    child = node.literal[token] = _Node()
+                node = child
+        else:
+            node.here.append(entry)
+        self._seq += 1
+        self._order[id(entry)] = self._seq
+        self._count += 1
+        self._invalidate(pattern, tokens)
+
+    def remove(self, pattern: str, entry) -> bool:
+        tokens = pattern.split(".")
+        path = []
+        node = self._root
+        last = len(tokens) - 1
+        target = None
+        for i, token in enumerate(tokens):
+            if token == ">" and i == last:
+                target = node.tail
+                break
+            nxt = node.star if token == "*" else node.literal.get(token)
+            if nxt is None:
+                return False
+            path.append((node, token))
+            node = nxt
+        else:
+            target = node.here
+        for k, e in enumerate(target):
+            if e is entry:
+                del target[k]
+                break
+        else:
+            return False
+        self._order.pop(id(entry), None)
+        self._count -= 1
+        # prune empty branches
+        for parent, token in reversed(path):
+            child = parent.star if token == "*" else parent.literal.get(token)
+            if child is None or not child.empty():
+                break
+            if token == "*":
+                parent.star = None
+            else:
+                del parent.literal[token]
+        self._invalidate(pattern, tokens)
+        return True
+
+    def match(self, subject: str) -> tuple:
+        found = self._cache.get(subject)
+        if found is not None:
+            return found
+        tokens = subject.split(".")
+        out = []
+        n = len(tokens)
+        private = bool(self._private) and subject.startswith(self._private)
+        stack = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if i == n:
+                if node.here:
+                    out.extend(node.here)
+                continue
+            if node.tail and not (private and i == 0):
+                out.extend(node.tail)
+            child = node.literal.get(tokens[i])
+            if child is not None:
+                stack.append((child, i + 1))
+            if node.star is not None and not (private and i == 0):
+                stack.append((node.star, i + 1))
+        if len(out) > 1:
+            order = self._order
+            out.sort(key=lambda e: order.get(id(e), 0))
+        found = tuple(out)
+        cache = self._cache
+        if len(cache) >= self.cache_size:
+            del cache[next(iter(cache))]  # the oldest entry
+        cache[subject] = found
+        return found
+
+    def _invalidate(self, pattern: str, tokens: list) -> None:
+        cache = self._cache
+        if not cache:
+            return
+        if not is_wildcard(pattern):
+            cache.pop(pattern, None)
+            return
+        stale = [s for s in cache if _tokens_match(tokens, s)]
+        for s in stale:
+            del cache[s]
+
+
+def _tokens_match(ptoks: list, subject: str) -> bool:
+    stoks = subject.split(".")
+    n = len(stoks)
+    for i, p in enumerate(ptoks):
+        if p == ">":
+            return n > i
+        if i >= n:
+            return False
+        if p != "*" and p != stoks[i]:
+            return False
+    return len(ptoks) == n
