@@ -24,7 +24,7 @@ import json.scanner
 import msgpack
 
 from .message import BrokerMessage
-from .subjects import SubjectError, check_pattern, check_subject
+from .subjects import SubjectError, check_pattern, check_queue, check_subject
 
 JSON_PROTOCOL = "wsprovider.v1.json"
 MSGPACK_PROTOCOL = "wsprovider.v1.msgpack"
@@ -95,8 +95,12 @@ class _Codec:
         if type(obj) is not dict:
             raise FrameError(f"a frame must be an object, got {type(obj).__name__}")
         frame_id = obj.get("id")
-        if frame_id is not None and not isinstance(frame_id, (str, int)):
-            raise FrameError("'id' must be a string or an integer")
+        if frame_id is not None:
+            if type(frame_id) is str:
+                if not frame_id.isascii() and not _is_utf8_text(frame_id):
+                    raise FrameError("'id' holds a lone surrogate, which is not UTF-8 text")
+            elif not isinstance(frame_id, int):
+                raise FrameError("'id' must be a string or an integer")
         kind = obj.get("type", MESSAGE)
         if kind == MESSAGE:
             return InboundFrame(MESSAGE, self._message(obj, frame_id), frame_id=frame_id)
@@ -114,8 +118,12 @@ class _Codec:
             except SubjectError as e:
                 raise FrameError(str(e), frame_id=frame_id) from None
             queue = obj.get("queue")
-            if queue is not None and (type(queue) is not str or not queue or " " in queue):
-                raise FrameError("'queue' must be a non-empty string without spaces", frame_id=frame_id)
+            if queue is not None:
+                try:
+                    check_queue(queue)
+                except SubjectError as e:
+                    raise FrameError(f"{e} (a queue name follows the rules of a subject)",
+                                     frame_id=frame_id) from None
             return InboundFrame(kind, subject=subject, frame_id=frame_id, queue=queue)
         if kind == PING:
             return InboundFrame(PING, frame_id=frame_id)
@@ -194,6 +202,14 @@ class _Codec:
         obj = {"type": kind}
         obj.update((k, v) for k, v in fields.items() if v is not None)
         return self.dumps(obj)
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # Subjects already found valid (bounded; cleared when full).

@@ -52,6 +52,12 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
 
     # -- handshake ----------------------------------------------------------------------
 
+    def connectionMade(self):
+        guard = self.factory.handshake_guard
+        if guard is not None:
+            guard.upgraded(self.transport)  # out of the HTTP phase: Autobahn's timeout from here
+        super().connectionMade()
+
     def onConnect(self, request):
         hub = self.factory.hub
         try:

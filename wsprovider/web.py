@@ -198,4 +198,5 @@ def make_site(factory, ws_path: str = "ws", provider=None, metrics=None) -> Site
         root.putChild(b"admin", Admin(AdminSessions(provider, provider.config.admin_token)))
     if metrics is not None:
         root.putChild(b"metrics", Metrics(metrics))
-    return QuietSite(root)
+    from .handshake import guard_site  # deadline and caps for connections not upgraded yet
+    return guard_site(QuietSite(root), factory)
