@@ -138,6 +138,7 @@ class GuardedHTTPChannel(HTTPChannel):
     """``HTTPChannel`` under a ``HandshakeGuard`` (``site.handshake_guard``)."""
 
     _guarded = False
+    _abort_call = None
 
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
@@ -155,7 +156,7 @@ class GuardedHTTPChannel(HTTPChannel):
                   peer=_host(transport), t=self._guard.timeout)
         transport.write(_TIMEOUT_RESPONSE)
         transport.loseConnection()
-        self.callLater(1.0, self._abort_if_connected, transport)
+        self._abort_call = self.callLater(1.0, self._abort_if_connected, transport)
 
     @staticmethod
     def _abort_if_connected(transport):
@@ -168,6 +169,8 @@ class GuardedHTTPChannel(HTTPChannel):
             self._guard.restart(self.transport, self._handshake_expired)
 
     def connectionLost(self, reason):
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         if self._guarded:
             self._guarded = False
             self._guard.done(self._guard_transport)
