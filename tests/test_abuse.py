@@ -92,7 +92,7 @@ class AbuseTestsBase(unittest.TestCase):
 
 
 class SlowlorisTests(AbuseTestsBase):
-    settings = {"HANDSHAKE_TIMEOUT_SEC": "1", "MAX_HANDSHAKES_PER_ADDRESS": "8", "MAX_PENDING_HANDSHAKES": "64"}
+    settings = {"HANDSHAKE_TIMEOUT_SEC": "1", "MAX_HANDSHAKES_PER_ADDRESS": "4", "MAX_PENDING_HANDSHAKES": "16"}
 
     @defer.inlineCallbacks
     def test_dripping_upgrades_are_capped_per_address_and_timed_out(self):

@@ -323,8 +323,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Server mode: connections accepted but not upgraded to WebSocket yet (they also count "
             "toward MAX_CONNECTIONS); more are answered 503 and closed at once."),
     Setting("MAX_HANDSHAKES_PER_ADDRESS", 32, integer(1, 1_000_000),
-            "Server mode: not-yet-upgraded connections from one source IP address; more from that "
-            "address are answered 503 and closed at once, so one address cannot starve the others."),
+            "Server mode: not-yet-upgraded connections from one source IP address once half of "
+            "MAX_PENDING_HANDSHAKES are in use; more from that address are answered 503 and closed at "
+            "once, so one address cannot starve the others."),
     Setting("MAX_INFLIGHT_REQUESTS", 128, integer(0, 1_000_000),
             "Server mode: a session's request frames waiting for a reply; more are answered with a "
             "too_many_requests error frame (0: no limit)."),

@@ -9,8 +9,10 @@ bounds that phase:
   ``HANDSHAKE_TIMEOUT_SEC`` (a kept-alive plain HTTP connection: each further request
   within that time of the previous answer); past it the peer gets ``408`` and the
   connection is closed (aborted one second later if it still lingers);
-* at most ``MAX_PENDING_HANDSHAKES`` connections wait for their upgrade at once, at most
-  ``MAX_HANDSHAKES_PER_ADDRESS`` of them from one source address, and with
+* at most ``MAX_PENDING_HANDSHAKES`` connections wait for their upgrade at once; once half
+  of those are in use, an address already holding ``MAX_HANDSHAKES_PER_ADDRESS`` gets no
+  more (a burst from one busy address, e.g. a NAT, passes while the server is not under
+  pressure; under pressure one address cannot take the slots of the others); and with
   ``MAX_CONNECTIONS`` set, waiting connections and sessions together stay under it;
   a connection over a cap is answered ``503`` and closed at once.
 
@@ -71,7 +73,7 @@ class HandshakeGuard:
         if len(self._pending) >= self.max_pending:
             return ("pending_handshakes", f"{len(self._pending)} connections are already waiting for their "
                     "upgrade (MAX_PENDING_HANDSHAKES); retry later")
-        if self._by_host[host] >= self.max_per_address:
+        if self._by_host[host] >= self.max_per_address and len(self._pending) * 2 >= self.max_pending:
             return ("address_handshakes", f"{self._by_host[host]} connections from your address are already "
                     "waiting for their upgrade (MAX_HANDSHAKES_PER_ADDRESS); finish those first")
         if self.max_connections and self._sessions() + len(self._pending) >= self.max_connections:
