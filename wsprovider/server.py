@@ -139,8 +139,9 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
                 self.sendClose(code, reason)
             else:
                 self.sendCloseFrame(code, _close_reason(reason), False)
-        elif self.state != self.STATE_CLOSED and self.transport is not None:
+        elif self.state == self.STATE_CONNECTING and self.transport is not None:
             self.abort()
+        # CLOSING: a close handshake is under way, bounded by its own timeout.
 
     def abort(self):
         if self.transport is not None and self.state != self.STATE_CLOSED:

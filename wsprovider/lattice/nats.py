@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..interfaces import ILattice, ISubscription
+from ..interfaces import IAddressedDelivery, ILattice, ISubscription
 from ..message import (BrokerMessage, BufferFull, MessagingError, NoResponders, NotConnected,
                        PermissionDenied, RequestTimeout)
 from ..nats import (BufferFullError, ConnectionClosedError, MaxPayloadError, NatsClient,
@@ -103,7 +103,7 @@ class _Pending:
         self.ack = ack
 
 
-@implementer(ILattice)
+@implementer(ILattice, IAddressedDelivery)
 class NatsLattice:
     """``ILattice`` over NATS.
 
@@ -296,7 +296,8 @@ class NatsLattice:
                                 self._outer(reply_to) if reply_to is not None else None)
         return self._mapped(d, msg.subject)
 
-    def subscribe(self, pattern, callback, queue=None):
+    def subscribe(self, pattern, callback, queue=None, on_status=None):
+        # on_status (ILattice): accepted here; calling it on a 503 status is issue 11's change.
         try:
             check_pattern(pattern)
         except SubjectError as e:
