@@ -124,6 +124,12 @@ class Admission:
 class Session:
     """One peer. Built by ``SessionHub.open_session`` once the WebSocket is open."""
 
+    __slots__ = ("hub", "transport", "codec", "subprotocol", "identity", "publish_permissions",
+                 "subscribe_permissions", "peer", "http_headers", "session_id", "address", "_own_prefix",
+                 "connected_at", "state", "close_code", "_closed", "_subs", "_queues", "_sub_waiters",
+                 "_address_subs", "_inflight", "_inflight_ids", "_owed", "_queue", "_queued_bytes",
+                 "_abort_call", "_expiry_call", "_limiter", "__weakref__")
+
     def __init__(self, hub: "SessionHub", transport, admission: Admission, peer: str = "",
                  http_headers=None):
         self.hub = hub
