@@ -24,7 +24,7 @@ import secrets
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import Interface, implementer
 
 from . import envelope
 from ._defer import result_if_succeeded
