@@ -177,13 +177,14 @@ class Permissions:
 
 
 class _Node:
-    __slots__ = ("literal", "star", "tail", "here")
+    __slots__ = ("literal", "star", "tail", "here", "version")
 
     def __init__(self):
         self.literal: dict = {}   # token -> _Node
         self.star = None          # the "*" child
         self.tail = []            # entries of patterns ending in ">" at this level
         self.here = []            # entries of patterns ending exactly here
+        self.version = 0          # bumped when what a match through this node finds changes
 
     def empty(self) -> bool:
         return not (self.literal or self.star or self.tail or self.here)
@@ -194,8 +195,15 @@ class SubjectTrie:
 
     Matching walks one path per wildcard branch that the subject's tokens actually meet,
     so its cost does not grow with patterns that cannot match. Results are cached per
-    subject in a bounded cache (``cache_size`` entries, the oldest dropped first); a
-    change invalidates only the cached subjects the changed pattern matches.
+    subject in a bounded cache (``cache_size`` entries, the oldest dropped first).
+
+    A change never flushes the cache and never scans it: it bumps the version of the one
+    trie node through which every affected match passes (the node holding the entry, or
+    where a new ``*`` branch leaves the existing trie). A cached result remembers the nodes
+    its match visited and the literal tokens it looked up and missed, and is recomputed
+    only when one of those changed, so a
+    subscribe costs the length of its pattern whatever is cached, and a cached subject
+    the change cannot concern stays cached.
 
     ``private_first``: a pattern whose *first* token is a wildcard does not match a
     subject whose first token starts with one of these characters (MQTT 4.7.2; the
@@ -206,18 +214,26 @@ class SubjectTrie:
 
     def __init__(self, cache_size: int = 1024, private_first: str = ""):
         self._root = _Node()
-        self._cache: dict = {}
+        self._cache: dict = {}    # subject -> [generation, result, ((node, version), ...), ((literal, token), ...)]
         self.cache_size = cache_size
         self._private = tuple(private_first)
         self._seq = 0
         self._order: dict = {}    # id(entry) -> sequence number (insertion order)
         self._count = 0
+        self._generation = 0      # any change at all: cached entries of an older one are checked
 
     def __len__(self) -> int:
         return self._count
 
+    def cached(self, subject: str) -> bool:
+        """True if ``subject``'s cached result is still valid (for tests and metrics)."""
+        entry = self._cache.get(subject)
+        return entry is not None and self._valid(entry)
+
     def insert(self, pattern: str, entry) -> None:
         node = self._root
+        changed = None            # the first existing node that gets a new child ...
+        by_literal = False        # ... and whether that child is a literal token
         tokens = pattern.split(".")
         last = len(tokens) - 1
         for i, token in enumerate(tokens):
@@ -225,20 +241,30 @@ class SubjectTrie:
                 node.tail.append(entry)
                 break
             if token == "*":
-                if node.star is None:
-                    node.star = _Node()
-                node = node.star
+                child = node.star
+                if child is None:
+                    child = node.star = _Node()
+                    if changed is None:
+                        changed = node
             else:
                 child = node.literal.get(token)
                 if child is None:
                     child = node.literal[token] = _Node()
-                node = child
+                    if changed is None:
+                        changed, by_literal = node, True
+            node = child
         else:
             node.here.append(entry)
+        if changed is None:
+            node.version += 1     # a new entry where matches already pass
+        elif not by_literal:
+            changed.version += 1  # a new "*" branch: every match through ``changed`` may use it
+        # (a new literal branch concerns only the subjects whose match looked that token up
+        # and missed: their cached entries remember the miss)
+        self._generation += 1
         self._seq += 1
         self._order[id(entry)] = self._seq
         self._count += 1
-        self._invalidate(pattern, tokens)
 
     def remove(self, pattern: str, entry) -> bool:
         tokens = pattern.split(".")
@@ -263,9 +289,11 @@ class SubjectTrie:
                 break
         else:
             return False
+        node.version += 1
+        self._generation += 1
         self._order.pop(id(entry), None)
         self._count -= 1
-        # prune empty branches
+        # prune empty branches (nothing cached can hold an entry below them any more)
         for parent, token in reversed(path):
             child = parent.star if token == "*" else parent.literal.get(token)
             if child is None or not child.empty():
@@ -274,61 +302,54 @@ class SubjectTrie:
                 parent.star = None
             else:
                 del parent.literal[token]
-        self._invalidate(pattern, tokens)
+        return True
+
+    def _valid(self, entry) -> bool:
+        if entry[0] == self._generation:
+            return True
+        for node, version in entry[2]:
+            if node.version != version:
+                return False
+        for literal, token in entry[3]:
+            if token in literal:
+                return False
+        entry[0] = self._generation
         return True
 
     def match(self, subject: str) -> tuple:
-        found = self._cache.get(subject)
-        if found is not None:
-            return found
+        cache = self._cache
+        entry = cache.get(subject)
+        if entry is not None and (entry[0] == self._generation or self._valid(entry)):
+            return entry[1]
         tokens = subject.split(".")
         out = []
+        visited = []
+        misses = []
         n = len(tokens)
         private = bool(self._private) and subject.startswith(self._private)
         stack = [(self._root, 0)]
         while stack:
             node, i = stack.pop()
+            visited.append((node, node.version))
             if i == n:
                 if node.here:
                     out.extend(node.here)
                 continue
             if node.tail and not (private and i == 0):
                 out.extend(node.tail)
-            child = node.literal.get(tokens[i])
+            literal = node.literal
+            child = literal.get(tokens[i])
             if child is not None:
                 stack.append((child, i + 1))
+            else:
+                misses.append((literal, tokens[i]))
             if node.star is not None and not (private and i == 0):
                 stack.append((node.star, i + 1))
         if len(out) > 1:
             order = self._order
             out.sort(key=lambda e: order.get(id(e), 0))
         found = tuple(out)
-        cache = self._cache
-        if len(cache) >= self.cache_size:
+        if entry is None and len(cache) >= self.cache_size:
             del cache[next(iter(cache))]  # the oldest entry
-        cache[subject] = found
+        cache[subject] = [self._generation, found, tuple(visited), tuple(misses)]
         return found
-
-    def _invalidate(self, pattern: str, tokens: list) -> None:
-        cache = self._cache
-        if not cache:
-            return
-        if not is_wildcard(pattern):
-            cache.pop(pattern, None)
-            return
-        stale = [s for s in cache if _tokens_match(tokens, s)]
-        for s in stale:
-            del cache[s]
-
-
-def _tokens_match(ptoks: list, subject: str) -> bool:
-    stoks = subject.split(".")
-    n = len(stoks)
-    for i, p in enumerate(ptoks):
-        if p == ">":
-            return n > i
-        if i >= n:
-            return False
-        if p != "*" and p != stoks[i]:
-            return False
-    return len(ptoks) == n
