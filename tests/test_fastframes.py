@@ -197,6 +197,34 @@ class FastFrameTests(unittest.TestCase):
         yield peer.closed
         self.assertEqual(peer.close_code(), 1000)
 
+    # Autobahn TestSuite 6.4.3 and 6.4.4, "fail fast on invalid UTF-8": the payload is
+    # PART1 (valid), PART2 (U+110000 in UTF-8's scheme: invalid), PART3 (valid). The close
+    # must come once PART2 is in, before PART3 is sent.
+    PART1 = "\u03ba\u1f79\u03c3\u03bc\u03b5".encode("utf-8")
+    PART2 = b"\xf4\x90\x80\x80"
+    PART3 = b"edited"
+
+    @defer.inlineCallbacks
+    def _fails_fast(self, chunks):
+        peer = yield self.connect()
+        first, second = chunks
+        peer.transport.write(first)
+        yield peer.wait_frames(1)
+        self.assertFalse(peer.closed.called)
+        peer.transport.write(second)
+        yield peer.closed  # with PART3 never sent
+        self.assertEqual(peer.close_code(), 1007)
+
+    def test_autobahn_6_4_3_invalid_text_in_fragments_fails_fast(self):
+        first = frame(self.PART1, opcode=1, fin=False)
+        return self._fails_fast([first, frame(self.PART2, opcode=0, fin=False)])
+
+    def test_autobahn_6_4_4_invalid_text_in_chunks_fails_fast(self):
+        whole = frame(self.PART1 + self.PART2 + self.PART3)
+        head = len(whole) - len(self.PART1 + self.PART2 + self.PART3)
+        return self._fails_fast([whole[:head + len(self.PART1)],
+                                 whole[head + len(self.PART1):head + len(self.PART1) + len(self.PART2)]])
+
     def test_unmask(self):
         for n in (0, 1, 3, 4, 5, 125, 126, 4096, 4097, 70000):
             mask, data = os.urandom(4), os.urandom(n)

@@ -269,6 +269,25 @@ class PublicKeyJwtTests(unittest.TestCase):
         self.assertEqual(response.status_code, 401)
         self.assertIn("not accepted", response.reason_phrase)
 
+    @defer.inlineCallbacks
+    def test_algorithm_the_key_cannot_check_is_a_counted_401(self):
+        """An RS256 header while JWT_PUBLIC_KEY is an EC key, and garbage that merely has two
+        dots: 401 each, counted as invalid, never a 500."""
+        import base64
+
+        def b64(data):
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        body = b64(json.dumps({"aud": "wsprovider", "exp": int(time.time()) + 60}).encode())
+        tokens = [b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + body + "." + b64(b"x" * 256),
+                  b64(json.dumps({"alg": ["ES256"]}).encode()) + "." + body + ".sig",
+                  b64(b"\xff\xfe not json") + "." + body + ".sig"]
+        for token in tokens:
+            response = yield refused(ws_url(self.provider) + "?token=" + token)
+            self.assertEqual(response.status_code, 401)
+        self.assertEqual(self.provider.ws.stats.auth_refusals["invalid"], len(tokens))
+        self.assertEqual(self.provider.ws.stats.refusals["auth"], len(tokens))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
 
 # -- origins, TLS, compression -------------------------------------------------------------
 

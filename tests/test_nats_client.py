@@ -219,7 +219,7 @@ class RequestTests(ServerTestCase):
         client = yield self.client()
         yield client.subscribe("silent", lambda msg: None)
         yield self.assertFailure(client.request("silent", b"?", timeout=0.2), NatsTimeoutError)
-        self.assertEqual(client._requests, {})
+        self.assertEqual(len(client._requests), 0)
 
     @defer.inlineCallbacks
     def test_cancelled_request_is_forgotten(self):
@@ -228,7 +228,7 @@ class RequestTests(ServerTestCase):
         pending = client.request("silent", b"?", timeout=5)
         pending.cancel()
         yield self.assertFailure(pending, defer.CancelledError)
-        self.assertEqual(client._requests, {})
+        self.assertEqual(len(client._requests), 0)
 
 
 class FlowControlTests(ServerTestCase):

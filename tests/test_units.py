@@ -12,7 +12,7 @@ from wsprovider import BrokerMessage, ConfigError, NoResponders, ProviderConfig,
 from wsprovider.endpoints import server_endpoint_description
 from wsprovider.envelope import CODECS, DEFAULT_CODEC, FrameError
 from wsprovider.lattice.local import LocalLattice
-from wsprovider.subjects import (Permissions, SubjectError, check_pattern, check_subject, matches,
+from wsprovider.subjects import (Permissions, SubjectError, SubjectTrie, check_pattern, check_subject, matches,
                                  pattern_covers, patterns_overlap)
 
 tokens = st.sampled_from(["a", "b", "c", "orders", "x1"])
@@ -182,6 +182,48 @@ class ConfigTests(unittest.TestCase):
             ProviderConfig.from_mapping(fine)
 
 
+class SubjectTrieTests(unittest.TestCase):
+    @given(st.lists(st.tuples(st.sampled_from(["add", "remove", "match"]), patterns, subjects), max_size=40))
+    def test_agrees_with_matches_through_changes(self, steps):
+        """Whatever the order of inserts, removals and (cached) matches, a match finds exactly
+        the live entries whose pattern matches, in insertion order."""
+        trie = SubjectTrie(cache_size=8)
+        live = []  # (pattern, entry) in insertion order
+        for op, pattern, subject in steps:
+            if op == "add":
+                entry = object()
+                trie.insert(pattern, entry)
+                live.append((pattern, entry))
+            elif op == "remove" and live:
+                pattern, entry = live.pop(len(live) // 2)
+                self.assertTrue(trie.remove(pattern, entry))
+            expected = tuple(e for p, e in live if matches(p, subject))
+            self.assertEqual(trie.match(subject), expected)
+        self.assertEqual(len(trie), len(live))
+
+    def test_private_first_token(self):
+        trie = SubjectTrie(private_first="_$")
+        trie.insert(">", "all")
+        trie.insert("*.x", "star")
+        trie.insert("_ws.>", "ws")
+        self.assertEqual(trie.match("_ws.x"), ("ws",))
+        self.assertEqual(trie.match("a.x"), ("all", "star"))
+
+    def test_a_change_keeps_unrelated_cached_subjects(self):
+        trie = SubjectTrie(cache_size=4)
+        trie.insert("a.*", 1)
+        for subject in ("a.b", "c.d"):
+            trie.match(subject)
+        trie.insert("c.*.e", 2)       # cannot concern a.b
+        self.assertTrue(trie.cached("a.b"))
+        self.assertFalse(trie.cached("c.d"))  # its path changed: recomputed on the next match
+        self.assertEqual(trie.match("c.d"), ())
+        for i in range(10):
+            trie.match(f"z.{i}")
+        self.assertEqual(len(trie._cache), 4)  # bounded; the oldest go first
+        self.assertFalse(trie.remove("nope.*", 3))
+
+
 class LocalLatticeTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
@@ -223,7 +265,7 @@ class LocalLatticeTests(unittest.TestCase):
         self.clock.advance(0.1)
         self.assertIn("100ms", str(self.failureResultOf(d, RequestTimeout).value))
         self.failureResultOf(self.lattice.request("nobody", b"", 100), NoResponders)
-        self.assertEqual(self.lattice._pending, {})
+        self.assertEqual(len(self.lattice._pending), 0)
 
     def test_handlers_chatting_do_not_overflow_the_stack(self):
         count = [0]

@@ -10,7 +10,9 @@ Inbound, handled here: a whole, unfragmented (FIN), masked text or binary frame 
 RSV bits, at most 65535 bytes and within ``maxFramePayloadSize`` and
 ``maxMessagePayloadSize``, on an OPEN connection without compression, outside a
 fragmented message. The same checks hold: a text frame must be valid UTF-8 (else the
-connection fails with 1007 through Autobahn's own ``_invalid_payload``); anything larger,
+connection fails with 1007 through Autobahn's own ``_invalid_payload``); a text frame not
+wholly received yet goes to Autobahn, whose incremental validator fails it as soon as an
+invalid byte arrives (Autobahn TestSuite 6.4.x, fail fast); anything larger,
 unmasked, fragmented, a control frame or a reserved opcode goes to Autobahn, which
 applies its limits and close codes as before.
 
@@ -110,7 +112,11 @@ class FastFramesMixin:
                 break  # Autobahn closes with 1009
             end = start + length
             if end > n:
-                # A good header; the rest of the frame is still on its way.
+                if validate and b0 == 0x81:
+                    # Text still on its way: Autobahn's incremental validator checks it as the
+                    # bytes arrive, so invalid UTF-8 fails at once (1007), not when complete.
+                    break
+                # A good header; the rest of the binary frame is still on its way.
                 self.data = data[pos:] if pos else data
                 return False
             payload = unmask(data[start - 4:start], data[start:end])

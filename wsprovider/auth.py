@@ -134,9 +134,13 @@ class Authenticator:
         import jwt
         try:
             header = jwt.get_unverified_header(credential)
-        except jwt.PyJWTError:
+        except Exception:  # PyJWTError, and whatever a garbled header makes the decoder raise
             raise AuthError("invalid credentials: malformed JWT", "invalid") from None
+        if not isinstance(header, dict):
+            raise AuthError("invalid credentials: malformed JWT", "invalid")
         alg = header.get("alg")
+        if not isinstance(alg, str):
+            raise AuthError("invalid credentials: malformed JWT (no algorithm)", "invalid")
         key = self._jwt_keys.get(alg)
         if key is None:
             raise AuthError(f"invalid credentials: JWT algorithm {str(alg)[:16]!r} is not accepted "
@@ -159,6 +163,9 @@ class Authenticator:
             raise AuthError("invalid credentials: bad JWT signature", "signature") from None
         except jwt.PyJWTError as e:
             raise AuthError(f"invalid credentials: {type(e).__name__}", "invalid") from None
+        except Exception as e:  # e.g. an ES256 header with an RSA key: the key cannot check it
+            raise AuthError(f"invalid credentials: the JWT cannot be checked with the configured key "
+                            f"({type(e).__name__})", "invalid") from None
         publish = self._narrow(self._publish, claims, self._publish_claim)
         subscribe = self._narrow(self._subscribe, claims, self._subscribe_claim)
         principal = claims.get("sub")

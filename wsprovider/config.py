@@ -354,6 +354,29 @@ SETTINGS: tuple[Setting, ...] = (
             "Server mode: processes sharing the listening socket (tcp: URIs), so sessions spread over the "
             "cores; they meet on NATS_URL, or on a nats-server the service starts on a private loopback port. "
             "Handlers run in every worker. 1: a single process, embedded lattice as usual.", group=SERVER),
+    Setting("HANDSHAKE_TIMEOUT_SEC", 10.0, number(1, 3600),
+            "Server mode: deadline for a new connection's whole HTTP request and WebSocket upgrade "
+            "(also for each further request on a kept-alive HTTP connection); past it the connection "
+            "is closed (408 if nothing was answered yet).", group=LIMITS),
+    Setting("MAX_PENDING_HANDSHAKES", 512, integer(1, 1_000_000),
+            "Server mode: connections accepted but not upgraded to WebSocket yet (they also count "
+            "toward MAX_CONNECTIONS); more are answered 503 and closed at once.", group=LIMITS),
+    Setting("MAX_HANDSHAKES_PER_ADDRESS", 32, integer(1, 1_000_000),
+            "Server mode: not-yet-upgraded connections from one source IP address once half of "
+            "MAX_PENDING_HANDSHAKES are in use; more from that address are answered 503 and closed at "
+            "once, so one address cannot starve the others.", group=LIMITS),
+    Setting("MAX_INFLIGHT_REQUESTS", 128, integer(0, 1_000_000),
+            "Server mode: a session's request frames waiting for a reply; more are answered with a "
+            "too_many_requests error frame (0: no limit).", group=LIMITS),
+    Setting("MAX_TOTAL_SUBSCRIPTIONS", 100_000, integer(0, 100_000_000),
+            "Server mode: subscriptions held by all sessions together; more are answered with a "
+            "too_many_subscriptions error frame (0: no limit).", group=LIMITS),
+    Setting("MAX_FRAGMENTS_PER_MESSAGE", 128, integer(0, 1_000_000),
+            "Server mode: WebSocket frames (fragments) one inbound message may span; more close the "
+            "session with 1008 (0: no limit; MAX_MESSAGE_SIZE still bounds the bytes).", group=LIMITS),
+    Setting("SLOW_CONSUMER_GRACE_SEC", 5.0, number(0.1, 3600),
+            "Server mode: after a slow consumer's 4008 close frame is queued behind what the socket "
+            "holds, how long the peer has to read up to it before the connection is aborted.", group=LIMITS),
     Setting("DRAIN_TIMEOUT_SEC", 10.0, number(0, 3600),
             "On shutdown: how long in-flight peer requests may take to finish before the remaining "
             "sessions are closed with 1001.", group=LIMITS),

@@ -38,7 +38,7 @@ import msgpack
 from zope.interface import Attribute, Interface, implementer
 
 from .message import BrokerMessage
-from .subjects import SubjectError, check_pattern, check_subject
+from .subjects import SubjectError, check_pattern, check_queue, check_subject
 
 JSON_PROTOCOL = "wsprovider.v1.json"
 MSGPACK_PROTOCOL = "wsprovider.v1.msgpack"
@@ -262,8 +262,12 @@ class _Codec:
         if type(obj) is not dict:
             raise FrameError(f"a frame must be an object, got {type(obj).__name__}")
         frame_id = obj.get("id")
-        if frame_id is not None and not isinstance(frame_id, (str, int)):
-            raise FrameError("'id' must be a string or an integer")
+        if frame_id is not None:
+            if type(frame_id) is str:
+                if not frame_id.isascii() and not _is_utf8_text(frame_id):
+                    raise FrameError("'id' holds a lone surrogate, which is not UTF-8 text")
+            elif not isinstance(frame_id, int):
+                raise FrameError("'id' must be a string or an integer")
         kind = obj.get("type", MESSAGE)
         if kind == MESSAGE:
             return InboundFrame(MESSAGE, self._message(obj, frame_id), frame_id=frame_id)
@@ -281,8 +285,12 @@ class _Codec:
             except SubjectError as e:
                 raise FrameError(str(e), frame_id=frame_id) from None
             queue = obj.get("queue")
-            if queue is not None and (type(queue) is not str or not queue or " " in queue):
-                raise FrameError("'queue' must be a non-empty string without spaces", frame_id=frame_id)
+            if queue is not None:
+                try:
+                    check_queue(queue)
+                except SubjectError as e:
+                    raise FrameError(f"{e} (a queue name follows the rules of a subject)",
+                                     frame_id=frame_id) from None
             return InboundFrame(kind, subject=subject, frame_id=frame_id, queue=queue)
         if kind == PING:
             return InboundFrame(PING, frame_id=frame_id)
@@ -426,6 +434,14 @@ class _Codec:
 
 def _text_or_none(value):
     return value if type(value) is str and value else None
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # Subjects already found valid (bounded; cleared when full).

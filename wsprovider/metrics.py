@@ -72,8 +72,17 @@ class ProviderCollector:
         yield _counter("rate_limit_closes", "sessions closed (1008) for exceeding the rate limit repeatedly",
                        stats.rate_limit_closes)
         yield _counter("handshakes_refused", "WebSocket upgrades refused, by kind "
-                       "(auth, origin, max_connections, draining, subprotocol, bad_request)",
+                       "(auth, origin, max_connections, draining, subprotocol, bad_request, pending_handshakes, "
+                       "address_handshakes)",
                        stats.refusals, label_name="kind")
+        yield _gauge("handshakes_pending", "connections not upgraded to WebSocket yet",
+                     stats.handshakes_pending)
+        yield _counter("handshake_timeouts", "connections closed for not upgrading within HANDSHAKE_TIMEOUT_SEC",
+                       stats.handshake_timeouts)
+        yield _counter("requests_cancelled", "peers' requests cancelled because their session ended",
+                       stats.requests_cancelled)
+        yield _counter("fragment_closes", "sessions closed (1008) for more than MAX_FRAGMENTS_PER_MESSAGE",
+                       stats.fragment_closes)
         yield _counter("auth_refusals", "credentials refused, by reason (missing, invalid, expired, audience, "
                        "issuer, signature, ...)", stats.auth_refusals, label_name="reason")
 

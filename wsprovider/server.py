@@ -1,148 +1,83 @@
-"""Server mode: the Autobahn protocol and factory that turn WebSocket peers into sessions.
+"""Server mode: the thin Autobahn adapter between WebSocket peers and the session core.
 
-Each connection is a session with an unguessable id and an address on the lattice
-(``<prefix>.session.<id>``, plus ``<prefix>.session.<id>.>`` for the peer's own reply
-subjects). Frames flow one way: frame -> envelope -> ``BrokerMessage`` -> lattice, and
-back. The factory is the session registry and the ``IMessagingConsumer`` toward peers.
+Every decision about a session (admission, permissions, owed replies, subscriptions,
+requests in flight, rate limits, the outbound budget) lives in ``wsprovider.session``,
+which has no network code. This module only carries frames: the opening handshake is
+turned into ``SessionHub.admit``, each message into ``Session.received``, each ping into
+``Session.pinged``, and the transport's push-producer calls into
+``Session.transport_paused`` / ``transport_resumed``. ``MessagingServerProtocol`` is the
+``ISessionTransport`` the core writes through.
 
-Outbound flow control: the session registers as the transport's push producer. While the
-transport's own buffer is full, frames wait in a per-session queue bounded in bytes;
-past the bound the peer is a slow consumer and is closed with ``CLOSE_SLOW_CONSUMER``
-so that one stalled reader cannot eat the process's memory.
+``MessagingServerFactory`` is Autobahn's factory; the registry, drain and broadcast are
+its ``SessionHub``'s (``factory.hub``), reachable on the factory by delegation so that
+existing callers (provider, web, cluster directory) keep working.
 """
 
 from __future__ import annotations
 
-import collections
-import secrets
-import time
-
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import envelope
 from ._fastframes import FastFramesMixin
-from .auth import Authenticator, AuthError
-from .interfaces import IMessagingConsumer, IPushProducer, ISessionRegistry, ISubscription
-from .message import BrokerMessage, MessagingError, NotConnected, PermissionDenied
-from .ratelimit import SessionRateLimiter
-from .subjects import matches
+from .auth import Authenticator
+from .interfaces import IMessagingConsumer, IPushProducer, ISessionRegistry
+from .session import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_CONSUMER, CLOSE_TOO_BIG,  # noqa: F401
+                      ISessionTransport, Refused, SessionHub, SessionStats)
 
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_SLOW_CONSUMER = 4008
+__all__ = ["MessagingServerProtocol", "MessagingServerFactory", "SessionStats", "CLOSE_GOING_AWAY",
+           "CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_SLOW_CONSUMER", "deflate_accept", "origin_patterns"]
 
-# Our own events; Autobahn's ``self.log`` stays Autobahn's (txaio filters its debug noise).
 _log = Logger(namespace="wsprovider.server")
-
-# How many reply subjects a session may owe answers to at once (NATS "allow_responses").
-_MAX_OWED_REPLIES = 1024
-
-
-class SessionStats:
-    """Counters shared by the sessions of one factory (exported as metrics later)."""
-
-    __slots__ = ("messages_in", "messages_out", "bytes_in", "bytes_out", "errors",
-                 "slow_consumer_closes", "sessions_opened", "sessions_closed",
-                 "rate_limited", "rate_limit_closes", "refusals", "auth_refusals")
-
-    def __init__(self):
-        self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
-        self.errors = collections.Counter()
-        self.slow_consumer_closes = 0
-        self.sessions_opened = self.sessions_closed = 0
-        self.rate_limited = self.rate_limit_closes = 0
-        self.refusals = collections.Counter()       # refused handshakes by kind (auth, origin, ...)
-        self.auth_refusals = collections.Counter()  # refused credentials by reason (missing, expired, ...)
 
 
 def _close_reason(reason: str) -> bytes:
     """UTF-8, cut to the 123 bytes a close frame allows, never mid-character."""
-    data = reason.encode("utf-8")
+    data = reason.encode("utf-8", "replace")
     if len(data) <= 123:
         return data
     return data[:123].decode("utf-8", "ignore").encode("utf-8")
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, ISessionTransport)
 class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
-    """One WebSocket peer: a session."""
+    """One WebSocket peer, carried for its ``Session``."""
 
-    session_id = None
-    address = None
-    codec = envelope.DEFAULT_CODEC
-    subprotocol = None
-    connected_at = None
-    _open = False
-    identity = None           # auth.Identity when the service requires credentials
-    _limiter = None           # ratelimit.SessionRateLimiter when rate limits are on
-    _inflight = 0             # the peer's request frames not answered yet
-    _counted = False          # counts toward MAX_CONNECTIONS
-    _refusal = None           # why the handshake is being refused (metrics)
-    _expiry_call = None
-    _cleaned_up = False       # onClose released the session's subscriptions and owed replies
+    session = None
+    _admission = None
+    _refusal = None           # why the handshake is being refused (metrics), "counted" if counted
+    _fragments = 0            # frames of the message being reassembled
 
     # -- handshake ----------------------------------------------------------------------
 
+    def connectionMade(self):
+        guard = self.factory.handshake_guard
+        if guard is not None:
+            guard.upgraded(self.transport)  # out of the HTTP phase: Autobahn's timeout from here
+        super().connectionMade()
+
     def onConnect(self, request):
-        factory = self.factory
-        self.publish_permissions = factory.publish_permissions
-        self.subscribe_permissions = factory.subscribe_permissions
-        if factory.draining:
-            self._refusal = "draining"
-            raise ConnectionDeny(503, "the service is shutting down; connect again (to another instance)")
-        limit = factory.config.max_connections
-        if limit and factory.connection_count >= limit:
-            self._refusal = "max_connections"
-            raise ConnectionDeny(503, f"too many connections: this server accepts {limit} sessions "
-                                      "(MAX_CONNECTIONS); retry later")
-        if factory.authenticator is not None:
-            try:
-                identity = factory.authenticator.authenticate(request.headers, request.params)
-            except AuthError as e:
-                factory.stats.auth_refusals[e.reason] += 1
-                self._refusal = "auth"
-                _log.info("refused a session from {peer}: {why}", peer=request.peer, why=str(e))
-                raise ConnectionDeny(401, str(e)) from None
-            self.identity = identity
-            if identity.publish is not None:
-                self.publish_permissions = identity.publish
-            if identity.subscribe is not None:
-                self.subscribe_permissions = identity.subscribe
-        offered = request.protocols
-        chosen = None
-        if offered:
-            for p in offered:
-                if p in envelope.CODECS:
-                    chosen = p
-                    break
-            if chosen is None:
-                self._refusal = "subprotocol"
-                raise ConnectionDeny(
-                    ConnectionDeny.BAD_REQUEST,
-                    "unsupported subprotocol; this server speaks " + ", ".join(envelope.SUBPROTOCOLS))
-        self.subprotocol = chosen or envelope.JSON_PROTOCOL
-        self.codec = envelope.CODECS[self.subprotocol]
+        hub = self.factory.hub
+        try:
+            admission = hub.admit(request.headers, request.params, request.protocols)
+        except Refused as e:
+            self._refusal = "counted"
+            raise ConnectionDeny(e.status, str(e)) from None
+        self._admission = admission
         self.peer_description = request.peer
-        factory.connection_count += 1
-        self._counted = True
-        return chosen
+        return admission.subprotocol
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
-        kind = self._refusal
-        if kind is None:
+        if self._refusal is None:
+            kind = "bad_request"
             if reason.startswith("WebSocket connection denied: origin"):
                 kind, code = "origin", 403
                 reason += ("; allow it with ALLOW_NULL_ORIGIN=true (--allow-null-origin=true)"
                            if "origin 'null'" in reason else
                            "; allow it by adding it to ALLOWED_ORIGINS (--allowed-origins)")
-            else:
-                kind = "bad_request"
-        self.factory.stats.refusals[kind] += 1
+            self.factory.hub.stats.refusals[kind] += 1
         if responseHeaders is None:
             if code == 401:
                 responseHeaders = [("WWW-Authenticate", 'Bearer realm="wsprovider"')]
@@ -152,421 +87,107 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
 
     def onOpen(self):
         factory = self.factory
-        self.session_id = secrets.token_urlsafe(16)
-        self.address = f"{factory.session_prefix}{self.session_id}"
-        self.connected_at = time.time()
-        self._subs = {}
-        self._sub_waiters = {}  # pattern -> frame ids to acknowledge once the subscription is live
-        self._owed = {}
-        self._queue = None
-        self._queued_bytes = 0
-        self._paused = False
-        self._open = True
-        self._binary = self.codec.is_binary
-        if factory.rate_limited:
-            self._limiter = SessionRateLimiter.from_config(factory.config)
-        identity = self.identity
-        if identity is not None and identity.expires_at is not None:
-            self._expiry_call = factory.reactor.callLater(
-                max(0.0, identity.expires_at - time.time()), self._credentials_expired)
+        self._binary = self._admission.codec.is_binary
         # Under twisted.web the HTTP channel is still the transport's producer; we take over.
         try:
             self.transport.unregisterProducer()
         except Exception:
             pass
         self.transport.registerProducer(self, True)
-        factory._session_opened(self)
-        pending = [
-            factory.lattice.subscribe(self.address, self.deliver, on_status=self._bus_status),
-            factory.lattice.subscribe(self.address + ".>", self.deliver, on_status=self._bus_status),
-        ]
-        if all(d.called and not d.paused and ISubscription.providedBy(d.result) for d in pending):
-            self._addressable([d.result for d in pending])  # the local lattice: no DeferredList
-        else:
-            d = defer.gatherResults(pending, consumeErrors=True)
-            d.addCallbacks(self._addressable, self._not_addressable)
-        if factory.draining:
-            self.close_session(CLOSE_GOING_AWAY, "the service is shutting down")
-
-    def _bus_status(self, error):
-        """A bus status on this session's address (NATS no responders): an error frame, never data."""
-        if self._open:
-            self.send_error(error.code, str(error))
-
-    def _credentials_expired(self):
-        self._expiry_call = None
-        self.close_session(CLOSE_POLICY, "credentials expired; reconnect with a fresh token")
-
-    def _addressable(self, subs):
-        if not self._open:
-            for s in subs:
-                s.unsubscribe()
-            return
-        self._address_subs = subs
-        self.send_payload(self.codec.control(
-            "welcome", session_id=self.session_id, reply_to=self.address,
-            protocol=self.subprotocol, max_message_size=self.factory.config.max_message_size))
-
-    def _not_addressable(self, failure):
-        _log.error("session {id}: could not subscribe its address: {err}",
-                       id=self.session_id, err=failure.getErrorMessage())
-        self.close_session(1011, "the service cannot route messages to this session right now; retry later")
+        session = factory.hub.open_session(self, self._admission, self.peer, self.http_headers)
+        self.session = session
+        self.onMessage = session.received  # the hot path, without a hop through this class
 
     # -- inbound ------------------------------------------------------------------------
 
     def onMessage(self, payload, isBinary):
-        factory = self.factory
-        stats = factory.stats
-        stats.messages_in += 1
-        stats.bytes_in += len(payload)
-        limiter = self._limiter
-        if limiter is not None and not limiter.allow(len(payload)):
-            self._rate_limited(limiter)
+        pass  # before onOpen (never, in practice); replaced by the session's in onOpen
+
+    def onPing(self, payload):
+        if self.session is not None:
+            self.session.pinged(payload)
+
+    def onMessageBegin(self, isBinary):
+        self._fragments = 0
+        WebSocketServerProtocol.onMessageBegin(self, isBinary)
+
+    def onMessageFrameBegin(self, length):
+        self._fragments += 1
+        limit = self.factory.config.max_fragments_per_message
+        if limit and self._fragments > limit and not self.failedByMe:
+            self.factory.hub.stats.fragment_closes += 1
+            self._fail_connection(CLOSE_POLICY, f"more than {limit} fragments in one message "
+                                                "(MAX_FRAGMENTS_PER_MESSAGE)")
             return
-        try:
-            frame = self.codec.decode(payload, isBinary)
-        except envelope.FrameError as e:
-            self.send_error(e.code, str(e), e.frame_id)
-            return
-        kind = frame.kind
-        if kind == envelope.MESSAGE:
-            self._publish(frame)
-        elif kind == envelope.REQUEST:
-            self._request(frame)
-        elif kind == envelope.SUBSCRIBE:
-            self._subscribe(frame)
-        elif kind == envelope.UNSUBSCRIBE:
-            self._unsubscribe(frame)
-        else:
-            self.send_payload(self.codec.control("pong", id=frame.frame_id))
+        WebSocketServerProtocol.onMessageFrameBegin(self, length)
 
-    def _rate_limited(self, limiter):
-        if self.state != self.STATE_OPEN:
-            return
-        stats = self.factory.stats
-        stats.rate_limited += 1
-        if limiter.violation():
-            stats.rate_limit_closes += 1
-            _log.warn("session {id} ({peer}) keeps exceeding its rate limit; closing it",
-                      id=self.session_id, peer=self.peer)
-            self.close_session(CLOSE_POLICY, "rate limit exceeded repeatedly")
-            return
-        config = self.factory.config
-        self.send_error("rate_limited", "rate limit exceeded (RATE_LIMIT_MSGS_PER_SEC="
-                        f"{config.rate_limit_msgs_per_sec:g}, RATE_LIMIT_BYTES_PER_SEC="
-                        f"{config.rate_limit_bytes_per_sec:g}); the message was dropped")
+    # -- ISessionTransport ----------------------------------------------------------------
 
-    def _checked(self, frame):
-        """Return the message to put on the lattice, or None after answering with an error."""
-        msg = frame.message
-        subject = msg.subject
-        owed = bool(self._owed) and subject in self._owed
-        if not owed:
-            rule = self.publish_permissions.check_publish(subject)
-            if rule is not None:
-                self.send_error(PermissionDenied.code, f"publish to {subject!r} is not allowed ({rule})",
-                                frame.frame_id)
-                return None
-        reply_to = msg.reply_to
-        if reply_to is None:
-            if frame.kind == envelope.MESSAGE:
-                msg.reply_to = self.address
-        elif not (reply_to == self.address or reply_to.startswith(self.address + ".")):
-            rule = self.publish_permissions.check_publish(reply_to)
-            if rule is not None:
-                self.send_error(PermissionDenied.code,
-                                f"reply_to {reply_to!r} is not allowed ({rule}); use your own address "
-                                f"{self.address!r} or a subject below it", frame.frame_id)
-                return None
-        if owed:
-            del self._owed[subject]  # one response per reply subject, as NATS allow_responses
-        return msg
+    def send_payload(self, payload):
+        self.send_message_fast(payload, self._binary)
 
-    def _publish(self, frame):
-        msg = self._checked(frame)
-        if msg is None:
-            return
-        lattice = self.factory.lattice
-        dispatch = getattr(lattice, "dispatch", None)  # LocalLattice: None when delivered synchronously
-        d = dispatch(msg) if dispatch is not None else lattice.publish(msg)
-        if d is None or (d.called and d.result is None):
-            return  # fast path: delivered synchronously
-        d.addErrback(self._publish_failed, frame.frame_id, msg.subject)
+    def send_prepared(self, prepared):
+        self.sendPreparedMessage(prepared)
 
-    def _publish_failed(self, failure, frame_id, subject):
-        err = failure.value
-        if isinstance(err, MessagingError):
-            self.send_error(err.code, str(err), frame_id)
-        else:
-            _log.failure("publishing to {subject} failed", failure, subject=subject)
-            self.send_error("internal_error", f"publishing to {subject!r} failed inside the service", frame_id)
+    def send_control(self, kind, payload):
+        if self.state == self.STATE_OPEN:
+            self.sendPong(payload)
 
-    def _request(self, frame):
-        factory = self.factory
-        if factory.draining:
-            self.send_error("going_away", "the service is shutting down; send the request again after "
-                            "reconnecting", frame.frame_id)
-            return
-        msg = self._checked(frame)
-        if msg is None:
-            return
-        config = factory.config
-        timeout = min(frame.timeout_ms or config.request_timeout_ms, config.max_request_timeout_ms)
-        factory.inflight += 1
-        self._inflight += 1
-        started = time.monotonic()
-        d = factory.lattice.request(msg.subject, msg.body, timeout)
-        frame_id = frame.frame_id
-        d.addCallbacks(self._replied, self._publish_failed, callbackArgs=(frame_id,),
-                       errbackArgs=(frame_id, msg.subject))
-        d.addBoth(self._request_done, started)
-
-    def _request_done(self, result, started):
-        self._inflight -= 1
-        factory = self.factory
-        histogram = factory.request_latency
-        if histogram is not None:
-            histogram.observe(time.monotonic() - started)
-        if factory.draining and not self._inflight and self.state == self.STATE_OPEN:
-            self.close_session(CLOSE_GOING_AWAY, "the service is shutting down")
-        factory._request_finished()
-        return None
-
-    def _replied(self, reply, frame_id):
-        if self._open:
-            payload = self.codec.message(reply, kind="reply", frame_id=frame_id)
-            if len(payload) > self.maxMessagePayloadSize > 0:
-                err = self._too_large(reply, len(payload))
-                self.send_error(err.code, str(err), frame_id)
-                return
-            self.send_payload(payload)
-
-    def _subscribe(self, frame):
-        pattern = frame.subject
-        if pattern in self._subs:
-            waiting = self._sub_waiters.get(pattern)
-            if waiting is not None:  # still being subscribed: acknowledge once it is live
-                waiting.append(frame.frame_id)
-            else:
-                self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame.frame_id))
-            return
-        rule = self.subscribe_permissions.check_subscribe(pattern)
-        if rule is not None:
-            self.send_error(PermissionDenied.code, f"subscribe to {pattern!r} is not allowed ({rule})",
-                            frame.frame_id)
-            return
-        if len(self._subs) >= self.factory.config.max_subscriptions:
-            self.send_error("too_many_subscriptions",
-                            f"this session already holds {len(self._subs)} subscriptions (MAX_SUBSCRIPTIONS); "
-                            "unsubscribe from one first", frame.frame_id)
-            return
-        self._subs[pattern] = None  # reserved while the lattice subscribes
-        waiting = self._sub_waiters[pattern] = [frame.frame_id]
-        d = self.factory.lattice.subscribe(pattern, self.deliver, frame.queue)
-
-        def done(sub):
-            current = self._sub_waiters.get(pattern) is waiting
-            if current:
-                del self._sub_waiters[pattern]
-            if not self._open or not current:
-                sub.unsubscribe()  # closed, or unsubscribed (and maybe subscribed anew) meanwhile
-                return
-            self._subs[pattern] = sub
-            for frame_id in waiting:
-                self.send_payload(self.codec.control("subscribed", subject=pattern, id=frame_id))
-
-        def failed(failure):
-            if self._sub_waiters.get(pattern) is waiting:
-                del self._sub_waiters[pattern]
-            self._subs.pop(pattern, None)
-            for frame_id in waiting:
-                self._publish_failed(failure, frame_id, pattern)
-
-        d.addCallbacks(done, failed)
-
-    def _unsubscribe(self, frame):
-        pattern = frame.subject
-        if pattern not in self._subs:
-            self.send_error("not_subscribed", f"this session has no subscription to {pattern!r}", frame.frame_id)
-            return
-        sub = self._subs.pop(pattern)
-        self._sub_waiters.pop(pattern, None)  # a subscription still on its way is dropped when it lands
-        if sub is not None:
-            sub.unsubscribe()
-        self.send_payload(self.codec.control("unsubscribed", subject=pattern, id=frame.frame_id))
-
-    # -- outbound -----------------------------------------------------------------------
-
-    def deliver(self, msg: BrokerMessage):
-        """Lattice callback: a message for this session."""
-        if not self._open or self.state != self.STATE_OPEN:  # closed, or our close frame is out
-            raise NotConnected(f"session {self.session_id} is closed")
-        payload = self.codec.message(msg)
-        if len(payload) > self.maxMessagePayloadSize > 0:
-            raise self._too_large(msg, len(payload))
-        reply_to = msg.reply_to
-        if reply_to is not None and not reply_to.startswith(self.address):
-            owed = self._owed
-            if len(owed) >= _MAX_OWED_REPLIES:
-                self._trim_owed()
-            owed[reply_to] = time.monotonic() + self.factory.config.max_request_timeout_ms / 1000.0
-        self.send_payload(payload)
-
-    def _too_large(self, msg, size) -> MessagingError:
-        # The limit is symmetric (as NATS' max_payload): the peer announced it in welcome.
-        self.factory.stats.errors["too_large"] += 1
-        return MessagingError(
-            f"message to {msg.subject!r} is {size} bytes framed, larger than session {self.session_id}'s "
-            f"limit of {self.maxMessagePayloadSize} bytes (MAX_MESSAGE_SIZE); it was not delivered",
-            code="too_large")
-
-    def _trim_owed(self):
-        now = time.monotonic()
-        owed = self._owed
-        for key in [k for k, deadline in owed.items() if deadline < now]:
-            del owed[key]
-        while len(owed) >= _MAX_OWED_REPLIES:
-            del owed[next(iter(owed))]
-
-    def send_error(self, code, message, frame_id=None):
-        self.factory.stats.errors[code] += 1
-        self.send_payload(self.codec.error(code, message, frame_id))
-
-    def send_payload(self, payload: bytes) -> bool:
-        """Send one encoded frame, or queue it while the transport is full."""
-        if not self._open or self.state != self.STATE_OPEN:  # no data frame after a close frame
-            return False
-        stats = self.factory.stats
-        stats.messages_out += 1
-        stats.bytes_out += len(payload)
-        if self._queue is None:
-            self.send_message_fast(payload, self._binary)
-            return True
-        return self._enqueue(payload, len(payload))
-
-    def send_prepared(self, prepared, size: int) -> bool:
-        if not self._open or self.state != self.STATE_OPEN:
-            return False
-        stats = self.factory.stats
-        stats.messages_out += 1
-        stats.bytes_out += size
-        if self._queue is None:
-            self.sendPreparedMessage(prepared)
-            return True
-        return self._enqueue(prepared, size)
-
-    def _enqueue(self, item, size):
-        self._queue.append((item, size))
-        self._queued_bytes += size
-        if self._queued_bytes > self.factory.config.outbound_buffer_bytes:
-            self._slow_consumer()
-            return False
-        return True
-
-    def _slow_consumer(self):
-        self.factory.stats.slow_consumer_closes += 1
-        queued = self._queued_bytes
-        _log.warn("session {id} ({peer}) is a slow consumer: {queued} bytes waiting; closing it",
-                      id=self.session_id, peer=self.peer, queued=queued)
-        self._queue = collections.deque()
-        self._queued_bytes = 0
-        self._open = False
-        self.close_session(CLOSE_SLOW_CONSUMER,
-                           f"slow consumer: more than {self.factory.config.outbound_buffer_bytes} bytes waiting")
-        # A reader that has stopped may never read the close frame either.
-        self._abort_call = self.factory.reactor.callLater(self.factory.config.ping_timeout_sec, self._abort_if_open)
-
-    _abort_call = None
-
-    def _abort_if_open(self):
-        self._abort_call = None
-        if self.transport is not None and self.state != self.STATE_CLOSED:
-            self.dropConnection(abort=True)
-
-    # IPushProducer: called by the transport.
-    def pauseProducing(self):
-        if self._queue is None:
-            self._queue = collections.deque()
-
-    def resumeProducing(self):
-        queue = self._queue
-        self._queue = None
-        if not queue or not self._open or self.state != self.STATE_OPEN:
-            self._queued_bytes = 0
-            return
-        binary = self._binary
-        queued = self._queued_bytes
-        while queue:
-            item, size = queue.popleft()
-            queued -= size
-            if type(item) is bytes:
-                self.sendMessage(item, binary)
-            else:
-                self.sendPreparedMessage(item)
-            if self._queue is not None:  # paused again while writing
-                self._queue.extend(queue)
-                self._queued_bytes = queued
-                return
-        self._queued_bytes = 0
-
-    def stopProducing(self):
-        self._queue = None
-
-    # -- closing ------------------------------------------------------------------------
-
-    def close_session(self, code: int, reason: str) -> None:
+    def close(self, code, reason, grace=None):
         """Close with any RFC 6455 code (Autobahn's ``sendClose`` only takes 1000 and 3000-4999)."""
         if self.state == self.STATE_OPEN:
+            if grace is not None:
+                self.closeHandshakeTimeout = grace
             if code == 1000 or 3000 <= code <= 4999:
                 self.sendClose(code, reason)
             else:
                 self.sendCloseFrame(code, _close_reason(reason), False)
-        elif self.state != self.STATE_CLOSED and self.transport is not None:
+        elif self.state == self.STATE_CONNECTING and self.transport is not None:
+            self.abort()
+        # CLOSING: a close handshake is under way, bounded by its own timeout.
+
+    def abort(self):
+        if self.transport is not None and self.state != self.STATE_CLOSED:
             self.dropConnection(abort=True)
 
+    def pause_reading(self):
+        self.transport.pauseProducing()
+
+    def resume_reading(self):
+        self.transport.resumeProducing()
+
+    close_session = close  # the seed-era name
+
+    # -- IPushProducer: called by the transport -----------------------------------------
+
+    def pauseProducing(self):
+        if self.session is not None:
+            self.session.transport_paused()
+
+    def resumeProducing(self):
+        if self.session is not None:
+            self.session.transport_resumed()
+
+    def stopProducing(self):
+        pass
+
+    # -- closing ------------------------------------------------------------------------
+
     def onClose(self, wasClean, code, reason):
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
-        if self._expiry_call is not None and self._expiry_call.active():
-            self._expiry_call.cancel()
-        if self._counted:
-            self._counted = False
-            self.factory.connection_count -= 1
+        if self._admission is not None:
+            admission, self._admission = self._admission, None
+            self.factory.hub.release(admission)
         if getattr(self, "closedByMe", False) and getattr(self, "localCloseCode", None):
             code = self.localCloseCode  # report why *we* closed, not the peer's echo
             reason = (self.localCloseReason or b"").decode("utf-8", "replace")
-        was_open = self.session_id is not None and self.connected_at is not None and not self._cleaned_up
-        self._open = False
-        if not was_open:
-            return
-        self._cleaned_up = True
-        factory = self.factory
-        for sub in getattr(self, "_address_subs", ()):
-            sub.unsubscribe()
-        for sub in self._subs.values():
-            if sub is not None:
-                sub.unsubscribe()
-        self._subs.clear()
-        self._queue = None
-        owed, self._owed = self._owed, {}
-        fail_reply = getattr(factory.lattice, "fail_reply", None)
-        if fail_reply is not None:
-            for reply_to in owed:
-                fail_reply(reply_to, NotConnected(
-                    f"session {self.session_id} disconnected before replying (close code {code})"))
-        factory._session_closed(self, code, reason)
+        session = self.session
+        if session is not None:
+            session.closed(code, reason)
+
+    # -- what observers and the admin listing read ----------------------------------------
 
     def describe(self) -> dict:
-        return {
-            "session_id": self.session_id,
-            "address": self.address,
-            "connected_at": self.connected_at,
-            "peer": self.peer,
-            "subprotocol": self.subprotocol,
-            "subscriptions": sorted(p for p in self._subs),
-            "mode": "server",
-            "principal": self.identity.principal if self.identity is not None else None,
-        }
+        return self.session.describe() if self.session is not None else {}
 
 
 def _refuse_compression(offers):
@@ -628,9 +249,10 @@ def origin_patterns(origins) -> list:
     return out
 
 
+
 @implementer(IMessagingConsumer, ISessionRegistry)
 class MessagingServerFactory(WebSocketServerFactory):
-    """Accepts WebSocket peers as sessions and connects them to a lattice.
+    """Accepts WebSocket peers as sessions of a ``SessionHub`` connected to a lattice.
 
     :param lattice: an ``ILattice`` (the embedded ``LocalLattice``, NATS, ...).
     :param config: a ``ProviderConfig``.
@@ -645,27 +267,15 @@ class MessagingServerFactory(WebSocketServerFactory):
         self.reactor = reactor
         self.lattice = lattice
         self.config = config
-        self.stats = SessionStats()
-        self.sessions: dict[str, MessagingServerProtocol] = {}
-        self.session_prefix = f"{config.subject_prefix}.session."
-        self.broadcast_prefix = f"{config.subject_prefix}.broadcast."
-        self.publish_permissions = config.publish_permissions()
-        self.subscribe_permissions = config.subscribe_permissions()
-        self.authenticator = Authenticator.from_config(config)
-        self.rate_limited = bool(config.rate_limit_msgs_per_sec or config.rate_limit_bytes_per_sec)
-        self.connection_count = 0   # sessions past onConnect, not closed yet (MAX_CONNECTIONS)
-        self.inflight = 0           # peers' requests not answered yet (drain)
-        self.draining = False
-        self.request_latency = None  # a prometheus Histogram, set by wsprovider.metrics
-        self._inflight_waiters = []
-        self._broadcast_sub = None
-        self._observers = []
+        self.hub = SessionHub(lattice, config, reactor, Authenticator.from_config(config),
+                              prepare=self.prepareMessage)
+        self.handshake_guard = None  # a handshake.HandshakeGuard, set where the site is built
         self.setProtocolOptions(
             maxMessagePayloadSize=config.max_message_size,
             maxFramePayloadSize=config.max_message_size,
             autoPingInterval=config.ping_interval_sec or None,
             autoPingTimeout=config.ping_timeout_sec if config.ping_interval_sec else None,
-            openHandshakeTimeout=10,
+            openHandshakeTimeout=config.handshake_timeout_sec,
             failByDrop=False,  # protocol violations (e.g. too big) get a close frame with the reason
             closeHandshakeTimeout=2,
             perMessageCompressionAccept=(deflate_accept(config.compression_window_bits, config.max_message_size)
@@ -676,61 +286,33 @@ class MessagingServerFactory(WebSocketServerFactory):
         # Autobahn logs every frame at debug level and tracks timings unless told not to.
         self.trackTimings = False
 
-    # -- lifecycle ----------------------------------------------------------------------
+    # -- the hub's, by delegation ---------------------------------------------------------
+
+    stats = property(lambda self: self.hub.stats)
+    sessions = property(lambda self: self.hub.sessions)
+    draining = property(lambda self: self.hub.draining)
+    inflight = property(lambda self: self.hub.inflight)
+    connection_count = property(lambda self: self.hub.connection_count)
+    session_prefix = property(lambda self: self.hub.session_prefix)
+    broadcast_prefix = property(lambda self: self.hub.broadcast_prefix)
+    authenticator = property(lambda self: self.hub.authenticator)
+
+    @property
+    def request_latency(self):
+        return self.hub.request_latency
+
+    @request_latency.setter
+    def request_latency(self, histogram):
+        self.hub.request_latency = histogram
 
     def start(self):
-        """Subscribe to the broadcast subjects. Deferred."""
-        d = self.lattice.subscribe(self.broadcast_prefix + ">", self._broadcast_from_lattice)
-
-        def keep(sub):
-            self._broadcast_sub = sub
-        return d.addCallback(keep)
+        return self.hub.start()
 
     def stop(self, code=CLOSE_GOING_AWAY, reason="the service is shutting down"):
-        """Close every session. Deferred firing when they are gone (bounded by the close handshake)."""
-        if self._broadcast_sub is not None:
-            self._broadcast_sub.unsubscribe()
-            self._broadcast_sub = None
-        waits = []
-        for session in list(self.sessions.values()):
-            d = defer.Deferred()
-            session.is_closed.addBoth(lambda _, d=d: d.callback(None))
-            if session.state != session.STATE_CLOSING:  # already closing: wait for its handshake
-                session.close_session(code, reason)
-            waits.append(d)
-        return defer.DeferredList(waits).addCallback(self._cancel_leftover_timers)
+        return self.hub.stop(code, reason).addCallback(self._cancel_leftover_timers)
 
-    def drain(self, timeout: float, code=CLOSE_GOING_AWAY, reason="the service is shutting down"):
-        """Graceful shutdown: refuse new sessions, close idle sessions now, let the peers' in-flight
-        requests finish for up to ``timeout`` seconds (their sessions close once answered), then
-        close whatever is left. Deferred firing when every session is gone."""
-        self.draining = True
-        for session in list(self.sessions.values()):
-            if not session._inflight:
-                session.close_session(code, reason)
-        if not self.inflight:
-            return self.stop(code, reason)
-        _log.info("draining: waiting up to {timeout}s for {n} in-flight requests", timeout=timeout,
-                  n=self.inflight)
-        waiter = defer.Deferred()
-        self._inflight_waiters.append(waiter)
-
-        def expired():
-            if not waiter.called:
-                _log.warn("drain timeout: closing sessions with {n} requests still in flight", n=self.inflight)
-                waiter.callback(None)
-
-        timer = self.reactor.callLater(timeout, expired)
-        waiter.addCallback(lambda _: timer.cancel() if timer.active() else None)
-        return waiter.addCallback(lambda _: self.stop(code, reason))
-
-    def _request_finished(self):
-        self.inflight -= 1
-        if not self.inflight and self._inflight_waiters:
-            waiters, self._inflight_waiters = self._inflight_waiters, []
-            for w in waiters:
-                if not w.called:
-                    w.callback(None)
+    def drain(self, timeout, code=CLOSE_GOING_AWAY, reason="the service is shutting down"):
+        return self.hub.drain(timeout, code, reason).addCallback(self._cancel_leftover_timers)
 
     def _cancel_leftover_timers(self, result):
         # Autobahn's batched timer can keep a bucket for a close-handshake timeout of a
@@ -745,100 +327,28 @@ class MessagingServerFactory(WebSocketServerFactory):
         return result
 
     def add_observer(self, observer):
-        """``observer.session_opened(session)`` / ``session_closed(session, code, reason)``."""
-        self._observers.append(observer)
-
-    def _session_opened(self, session):
-        self.stats.sessions_opened += 1
-        if self.config.enable_session_tracking:
-            self.sessions[session.session_id] = session
-        _log.info("session {id} opened from {peer} ({proto})", id=session.session_id,
-                      peer=session.peer, proto=session.subprotocol)
-        for o in self._observers:
-            o.session_opened(session)
-
-    def _session_closed(self, session, code, reason):
-        self.stats.sessions_closed += 1
-        self.sessions.pop(session.session_id, None)
-        _log.info("session {id} closed (code {code}: {reason})", id=session.session_id,
-                      code=code, reason=reason or "")
-        for o in self._observers:
-            o.session_closed(session, code, reason)
-
-    # -- IMessagingConsumer -------------------------------------------------------------
+        self.hub.add_observer(observer)
 
     def publish(self, msg):
-        return self.lattice.publish(msg)
+        return self.hub.publish(msg)
 
     def request(self, subject, body, timeout_ms):
-        return self.lattice.request(subject, body, timeout_ms)
-
-    # -- ISessionRegistry ---------------------------------------------------------------
+        return self.hub.request(subject, body, timeout_ms)
 
     def list_sessions(self):
-        return [s.describe() for s in self.sessions.values()]
+        return self.hub.list_sessions()
 
-    def session_address(self, session_id: str) -> str:
-        return self.session_prefix + session_id
+    def session_address(self, session_id):
+        return self.hub.session_address(session_id)
 
     def send_to_session(self, session_id, msg):
-        session = self.sessions.get(session_id)
-        if session is not None:
-            try:
-                session.deliver(msg)
-            except MessagingError as e:
-                return defer.fail(e)
-            return defer.succeed(None)
-        # Not here: it may be connected to another instance on the same lattice.
-        address = self.session_address(session_id)
-        to_address = getattr(self.lattice, "publish_to_address", None)
-        if to_address is not None:  # NATS: keeps msg's subject, acknowledged by the session's instance
-            d = to_address(address, msg, self.config.request_timeout_ms)
-        else:
-            d = self.lattice.publish(msg.replace(subject=address) if msg.subject != address else msg)
-        return d.addErrback(self._no_such_session, session_id)
-
-    @staticmethod
-    def _no_such_session(failure, session_id):
-        failure.trap(MessagingError)
-        raise NotConnected(f"no session {session_id!r} is connected") from None
+        return self.hub.send_to_session(session_id, msg)
 
     def broadcast(self, msg):
-        """Send ``msg`` to every session on every instance sharing the lattice.
+        return self.hub.broadcast(msg)
 
-        Returns a Deferred firing with the number of sessions reached on this instance.
-        """
-        d = self.lattice.publish(msg.replace(subject=self.broadcast_prefix + msg.subject))
-        return d.addCallback(lambda _: self._last_broadcast_count)
-
-    _last_broadcast_count = 0
-
-    def _broadcast_from_lattice(self, msg):
-        self._last_broadcast_count = self.broadcast_local(
-            msg.replace(subject=msg.subject[len(self.broadcast_prefix):]))
-
-    def broadcast_local(self, msg) -> int:
-        """Frame ``msg`` once per codec and send it to every session here."""
-        prepared = {}
-        count = 0
-        for session in list(self.sessions.values()):
-            codec = session.codec
-            entry = prepared.get(codec.name)
-            if entry is None:
-                payload = codec.message(msg)
-                if len(payload) > self.maxMessagePayloadSize > 0:
-                    self.stats.errors["too_large"] += 1
-                    _log.warn("broadcast on {subject} dropped: {size} bytes framed exceeds MAX_MESSAGE_SIZE "
-                              "({limit})", subject=msg.subject, size=len(payload), limit=self.maxMessagePayloadSize)
-                    return 0
-                entry = prepared[codec.name] = (self.prepareMessage(payload, codec.is_binary), len(payload))
-            if session.send_prepared(*entry):
-                count += 1
-        return count
+    def broadcast_local(self, msg):
+        return self.hub.broadcast_local(msg)
 
     def disconnect(self, session_id, code=1000, reason="closed by the service"):
-        session = self.sessions.get(session_id)
-        if session is None:
-            return defer.succeed(False)
-        session.close_session(code, reason)
-        return defer.succeed(True)
+        return self.hub.disconnect(session_id, code, reason)

@@ -46,10 +46,21 @@ def _check(subject: str, what: str) -> None:
         raise SubjectError(f"{what} must be a non-empty string")
     if len(subject) > MAX_SUBJECT_LENGTH:
         raise SubjectError(f"{what} is longer than {MAX_SUBJECT_LENGTH} characters")
+    if not subject.isascii():
+        try:
+            subject.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SubjectError(f"{what} {subject.encode('utf-8', 'backslashreplace').decode('ascii')!r} "
+                               "holds a lone surrogate, which is not UTF-8 text") from None
     if _BAD_CHARS.search(subject):
         raise SubjectError(f"{what} {subject!r} contains whitespace")
     if subject.startswith(".") or subject.endswith(".") or ".." in subject:
         raise SubjectError(f"{what} {subject!r} has an empty token")
+
+
+def check_queue(queue: str, *, what: str = "queue") -> str:
+    """Return ``queue`` if it is a valid queue group name (a literal subject, as NATS requires)."""
+    return check_subject(queue, what=what)
 
 
 def is_wildcard(pattern: str) -> bool:
@@ -163,3 +174,182 @@ class Permissions:
         else:
             new_allow = tuple(p for p in allow if any(pattern_covers(a, p) for a in self.allow))
         return Permissions(new_allow, self.deny + tuple(deny))
+
+
+class _Node:
+    __slots__ = ("literal", "star", "tail", "here", "version")
+
+    def __init__(self):
+        self.literal: dict = {}   # token -> _Node
+        self.star = None          # the "*" child
+        self.tail = []            # entries of patterns ending in ">" at this level
+        self.here = []            # entries of patterns ending exactly here
+        self.version = 0          # bumped when what a match through this node finds changes
+
+    def empty(self) -> bool:
+        return not (self.literal or self.star or self.tail or self.here)
+
+
+class SubjectTrie:
+    """Subscriptions by pattern, matched against literal subjects (nats-server's sublist).
+
+    Matching walks one path per wildcard branch that the subject's tokens actually meet,
+    so its cost does not grow with patterns that cannot match. Results are cached per
+    subject in a bounded cache (``cache_size`` entries, the oldest dropped first).
+
+    A change never flushes the cache and never scans it: it bumps the version of the one
+    trie node through which every affected match passes (the node holding the entry, or
+    where a new ``*`` branch leaves the existing trie). A cached result remembers the nodes
+    its match visited and the literal tokens it looked up and missed, and is recomputed
+    only when one of those changed, so a
+    subscribe costs the length of its pattern whatever is cached, and a cached subject
+    the change cannot concern stays cached.
+
+    ``private_first``: a pattern whose *first* token is a wildcard does not match a
+    subject whose first token starts with one of these characters (MQTT 4.7.2; the
+    embedded lattice keeps ``_INBOX`` and session addresses out of ``>``).
+
+    Entries are returned in the order they were added.
+    """
+
+    def __init__(self, cache_size: int = 1024, private_first: str = ""):
+        self._root = _Node()
+        self._cache: dict = {}    # subject -> [generation, result, ((node, version), ...), ((literal, token), ...)]
+        self.cache_size = cache_size
+        self._private = tuple(private_first)
+        self._seq = 0
+        self._order: dict = {}    # id(entry) -> sequence number (insertion order)
+        self._count = 0
+        self._generation = 0      # any change at all: cached entries of an older one are checked
+
+    def __len__(self) -> int:
+        return self._count
+
+    def cached(self, subject: str) -> bool:
+        """True if ``subject``'s cached result is still valid (for tests and metrics)."""
+        entry = self._cache.get(subject)
+        return entry is not None and self._valid(entry)
+
+    def insert(self, pattern: str, entry) -> None:
+        node = self._root
+        changed = None            # the first existing node that gets a new child ...
+        by_literal = False        # ... and whether that child is a literal token
+        tokens = pattern.split(".")
+        last = len(tokens) - 1
+        for i, token in enumerate(tokens):
+            if token == ">" and i == last:
+                node.tail.append(entry)
+                break
+            if token == "*":
+                child = node.star
+                if child is None:
+                    child = node.star = _Node()
+                    if changed is None:
+                        changed = node
+            else:
+                child = node.literal.get(token)
+                if child is None:
+                    child = node.literal[token] = _Node()
+                    if changed is None:
+                        changed, by_literal = node, True
+            node = child
+        else:
+            node.here.append(entry)
+        if changed is None:
+            node.version += 1     # a new entry where matches already pass
+        elif not by_literal:
+            changed.version += 1  # a new "*" branch: every match through ``changed`` may use it
+        # (a new literal branch concerns only the subjects whose match looked that token up
+        # and missed: their cached entries remember the miss)
+        self._generation += 1
+        self._seq += 1
+        self._order[id(entry)] = self._seq
+        self._count += 1
+
+    def remove(self, pattern: str, entry) -> bool:
+        tokens = pattern.split(".")
+        path = []
+        node = self._root
+        last = len(tokens) - 1
+        target = None
+        for i, token in enumerate(tokens):
+            if token == ">" and i == last:
+                target = node.tail
+                break
+            nxt = node.star if token == "*" else node.literal.get(token)
+            if nxt is None:
+                return False
+            path.append((node, token))
+            node = nxt
+        else:
+            target = node.here
+        for k, e in enumerate(target):
+            if e is entry:
+                del target[k]
+                break
+        else:
+            return False
+        node.version += 1
+        self._generation += 1
+        self._order.pop(id(entry), None)
+        self._count -= 1
+        # prune empty branches (nothing cached can hold an entry below them any more)
+        for parent, token in reversed(path):
+            child = parent.star if token == "*" else parent.literal.get(token)
+            if child is None or not child.empty():
+                break
+            if token == "*":
+                parent.star = None
+            else:
+                del parent.literal[token]
+        return True
+
+    def _valid(self, entry) -> bool:
+        if entry[0] == self._generation:
+            return True
+        for node, version in entry[2]:
+            if node.version != version:
+                return False
+        for literal, token in entry[3]:
+            if token in literal:
+                return False
+        entry[0] = self._generation
+        return True
+
+    def match(self, subject: str) -> tuple:
+        cache = self._cache
+        entry = cache.get(subject)
+        if entry is not None and (entry[0] == self._generation or self._valid(entry)):
+            return entry[1]
+        tokens = subject.split(".")
+        out = []
+        visited = []
+        misses = []
+        n = len(tokens)
+        private = bool(self._private) and subject.startswith(self._private)
+        stack = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            visited.append((node, node.version))
+            if i == n:
+                if node.here:
+                    out.extend(node.here)
+                continue
+            if node.tail and not (private and i == 0):
+                out.extend(node.tail)
+            literal = node.literal
+            child = literal.get(tokens[i])
+            if child is not None:
+                stack.append((child, i + 1))
+            else:
+                misses.append((literal, tokens[i]))
+            if node.star is not None and not (private and i == 0):
+                stack.append((node.star, i + 1))
+        if len(out) > 1:
+            order = self._order
+            out.sort(key=lambda e: order.get(id(e), 0))
+        found = tuple(out)
+        if entry is None and len(cache) >= self.cache_size:
+            del cache[next(iter(cache))]  # the oldest entry
+        cache[subject] = [self._generation, found, tuple(visited), tuple(misses)]
+        return found

@@ -296,4 +296,5 @@ def make_site(factory, ws_path: str = "ws", provider=None, metrics=None) -> Site
         root.putChild(b"metrics", Metrics(metrics))
     site = QuietSite(root)
     site.server_header = server_header
-    return site
+    from .handshake import guard_site  # deadline and caps for connections not upgraded yet
+    return guard_site(site, factory)

@@ -22,18 +22,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._defer import result_if_succeeded
 from ..interfaces import (IAcknowledgedPublish, IExactBroadcastCount, ILattice, ISubscription,
                           ISynchronousDispatch)
 from ..message import BrokerMessage, MessagingError, NoResponders, NotConnected, RequestTimeout
-from ..subjects import check_pattern, check_subject, is_wildcard, matches
+from ..replies import PendingReplies
+from ..subjects import SubjectTrie, check_pattern, check_queue, check_subject
 
 _MAX_SYNC_DEPTH = 16
-_CACHE_LIMIT = 10000
+_CACHE_LIMIT = 4096
+_NOT_YET = object()
 
 
 @implementer(ISubscription)
 class LocalSubscription:
-    __slots__ = ("pattern", "callback", "queue", "_lattice", "active", "first_wild", "__weakref__")
+    __slots__ = ("pattern", "callback", "queue", "_lattice", "active", "__weakref__")
 
     def __init__(self, lattice, pattern, callback, queue):
         self._lattice = lattice
@@ -41,22 +44,12 @@ class LocalSubscription:
         self.callback = callback
         self.queue = queue
         self.active = True
-        self.first_wild = pattern.split(".", 1)[0] in ("*", ">")
 
     def unsubscribe(self):
         if self.active:
             self.active = False
             self._lattice._remove(self)
         return defer.succeed(None)
-
-
-class _PendingRequest:
-    __slots__ = ("deferred", "timer", "subject")
-
-    def __init__(self, deferred, timer, subject):
-        self.deferred = deferred
-        self.timer = timer
-        self.subject = subject
 
 
 @implementer(ILattice, ISynchronousDispatch, IExactBroadcastCount, IAcknowledgedPublish)
@@ -76,15 +69,10 @@ class LocalLattice:
             from twisted.internet import reactor
         self._reactor = reactor
         self.strict = strict
-        self._exact: dict[str, list[LocalSubscription]] = {}
-        self._wild: list[LocalSubscription] = []
-        # "<literal prefix>.>" patterns (every session's "<address>.>"), by prefix, so that
-        # matching costs a few dict lookups instead of a scan over all sessions.
-        self._tails: dict[str, list[LocalSubscription]] = {}
-        self._cache: dict[str, tuple] = {}
+        self._subs = SubjectTrie(_CACHE_LIMIT, private_first="_$")
         self._inbox_prefix = f"{inbox_prefix}.{secrets.token_hex(8)}."
         self._inbox_ids = itertools.count(1)
-        self._pending: dict[str, _PendingRequest] = {}
+        self._pending = PendingReplies(reactor, timeout_error=_timeout_error)
         self._depth = 0
         self._rr = itertools.count()
         self.connected = True
@@ -92,61 +80,22 @@ class LocalLattice:
     # -- subscriptions ----------------------------------------------------------------
 
     def subscribe(self, pattern, callback, queue=None, on_status=None):
-        # on_status is never called: no responders is publish's failure here (ILattice).
+        """``ILattice.subscribe``. The embedded lattice reports no responders through
+        ``publish``'s failure, so ``on_status`` is never called."""
         if not self.connected:
             return defer.fail(NotConnected("the lattice is shut down"))
         check_pattern(pattern)
+        if queue is not None:
+            check_queue(queue)
         sub = LocalSubscription(self, pattern, callback, queue)
-        if is_wildcard(pattern):
-            prefix = _tail_prefix(pattern)
-            if prefix is not None:
-                self._tails.setdefault(prefix, []).append(sub)
-            else:
-                self._wild.append(sub)
-        else:
-            self._exact.setdefault(pattern, []).append(sub)
-        self._cache.clear()
+        self._subs.insert(pattern, sub)
         return defer.succeed(sub)
 
     def _remove(self, sub):
-        if is_wildcard(sub.pattern):
-            prefix = _tail_prefix(sub.pattern)
-            if prefix is not None:
-                _discard(self._tails, prefix, sub)
-            else:
-                try:
-                    self._wild.remove(sub)
-                except ValueError:
-                    pass
-        else:
-            _discard(self._exact, sub.pattern, sub)
-        self._cache.clear()
+        self._subs.remove(sub.pattern, sub)
 
     def _match(self, subject: str) -> tuple:
-        found = self._cache.get(subject)
-        if found is not None:
-            return found
-        result = list(self._exact.get(subject, ()))
-        tails = self._tails
-        if tails:
-            i = subject.find(".")
-            while i != -1:
-                subs = tails.get(subject[:i])
-                if subs:
-                    result.extend(subs)
-                i = subject.find(".", i + 1)
-        if self._wild:
-            private = subject[0] in "_$"
-            for sub in self._wild:
-                if private and sub.first_wild:
-                    continue
-                if matches(sub.pattern, subject):
-                    result.append(sub)
-        found = tuple(result)
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[subject] = found
-        return found
+        return self._subs.match(subject)
 
     def has_subscribers(self, subject: str) -> bool:
         return bool(self._match(subject)) or subject in self._pending
@@ -163,12 +112,9 @@ class LocalLattice:
         subject = msg.subject
         if not self.connected:
             return defer.fail(NotConnected("the lattice is shut down; the message was not sent"))
-        if self._pending:
-            pending = self._pending.pop(subject, None)
-            if pending is not None:
-                pending.timer.cancel()
-                pending.deferred.callback(msg)
-                return None
+        pending = self._pending
+        if len(pending) and pending.resolve(subject, msg):
+            return None
         subs = self._match(subject)
         if not subs:
             if self.strict:
@@ -189,7 +135,7 @@ class LocalLattice:
                 finally:
                     self._depth -= 1
                 if isinstance(result, defer.Deferred):
-                    if result.called and not result.paused and not isinstance(result.result, Failure):
+                    if result_if_succeeded(result, _NOT_YET) is not _NOT_YET:
                         return None  # already done
                     return result.addCallbacks(_none, _messaging_failure)
                 return None
@@ -260,72 +206,27 @@ class LocalLattice:
         check_subject(subject)
         if not self.connected:
             return defer.fail(NotConnected("the lattice is shut down; the request was not sent"))
-        inbox = self.new_inbox()
         if not self._match(subject):
             return defer.fail(NoResponders(f"no responders for subject {subject!r}"))
-
-        def cancel(d):
-            p = self._pending.pop(inbox, None)
-            if p is not None and p.timer.active():
-                p.timer.cancel()
-
-        d = defer.Deferred(cancel)
-
-        def expire():
-            if self._pending.pop(inbox, None) is not None:
-                d.errback(RequestTimeout(f"request timed out after {timeout_ms}ms (subject {subject!r})"))
-
-        timer = self._reactor.callLater(timeout_ms / 1000.0, expire)
-        self._pending[inbox] = _PendingRequest(d, timer, subject)
+        inbox = self.new_inbox()
+        d = self._pending.add(inbox, timeout_ms / 1000.0, label=subject)
         sent = self.publish(BrokerMessage(subject, body, inbox))
-
-        def not_delivered(failure):
-            p = self._pending.pop(inbox, None)
-            if p is not None:
-                p.timer.cancel()
-                p.deferred.errback(failure)
-
-        sent.addErrback(not_delivered)
+        sent.addErrback(lambda failure: self._pending.fail(inbox, failure) and None)
         return d
 
     def fail_reply(self, reply_to: str, error: MessagingError) -> bool:
         """Fail the pending request waiting on ``reply_to`` (e.g. its responder left)."""
-        p = self._pending.pop(reply_to, None)
-        if p is None:
-            return False
-        p.timer.cancel()
-        p.deferred.errback(error)
-        return True
+        return self._pending.fail(reply_to, error)
 
     def close(self):
-        pending, self._pending = self._pending, {}
-        for p in pending.values():
-            p.timer.cancel()
-            p.deferred.errback(NotConnected("the lattice was shut down before a reply arrived"))
+        self._pending.close(NotConnected("the lattice was shut down before a reply arrived"))
         self.connected = False
-        self._exact, self._wild, self._tails = {}, [], {}  # nothing is delivered after close
-        self._cache.clear()
+        self._subs = SubjectTrie(_CACHE_LIMIT, private_first="_$")  # nothing is delivered after close
         return defer.succeed(None)
 
 
-def _tail_prefix(pattern: str):
-    """``"a.b"`` for ``"a.b.>"`` (a literal prefix and a final ``>``), else None."""
-    if pattern.endswith(".>"):
-        prefix = pattern[:-2]
-        if not is_wildcard(prefix):
-            return prefix
-    return None
-
-
-def _discard(index: dict, key: str, sub) -> None:
-    subs = index.get(key)
-    if subs is not None:
-        try:
-            subs.remove(sub)
-        except ValueError:
-            pass
-        if not subs:
-            del index[key]
+def _timeout_error(entry, timeout):
+    return RequestTimeout(f"request timed out after {round(timeout * 1000)}ms (subject {entry.label!r})")
 
 
 def _none(_):

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from .._defer import failure_if_failed
 from .._version import __version__
+from ..replies import PendingReplies
 from .auth import Credentials
 from .errors import (
     BufferFullError, ConnectionClosedError, MaxPayloadError, NatsError, NatsTimeoutError,
@@ -34,6 +35,11 @@ from .servers import ServerPool
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 _SUBJECT_CACHE_LIMIT = 4096
 _FORBIDDEN_IN_SUBJECT = frozenset(" \t\r\n")
+
+
+def _request_timed_out(entry, timeout):
+    return NatsTimeoutError(f"no reply to request on {entry.label!r} within {timeout}s; is the responder "
+                            "running and fast enough?")
 
 
 class State(str, enum.Enum):
@@ -210,7 +216,7 @@ class NatsClient(Service):
         self._subject_cache = {}
         self._inbox_sub = None
         self._inbox_prefix = None
-        self._requests = {}
+        self._requests = PendingReplies(self.reactor, timeout_error=_request_timed_out)
         self._next_request = 0
         self._state_listeners = []
         self._error_listeners = []
@@ -589,34 +595,16 @@ class NatsClient(Service):
         published = self.publish(subject, payload, self._inbox_prefix + token, headers)
         if failure_if_failed(published) is not None:
             return published
-        response = Deferred(lambda _: self._forget_request(token))
-        timer = self.reactor.callLater(timeout, self._request_timed_out, token, subject, timeout)
-        self._requests[token] = (response, timer, subject)
-        return response
+        return self._requests.add(token, timeout, label=subject)
 
     def _handle_response(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox_prefix):]
-        pending = self._requests.pop(token, None)
-        if pending is None:
-            return
-        response, timer, subject = pending
-        timer.cancel()
         if msg.status == NO_RESPONDERS_STATUS and not msg.data:
-            response.errback(NoRespondersError(subject))
+            entry = self._requests.get(token)
+            if entry is not None:
+                self._requests.fail(token, NoRespondersError(entry.label))
         else:
-            response.callback(msg)
-
-    def _forget_request(self, token):
-        pending = self._requests.pop(token, None)
-        if pending is not None and pending[1].active():
-            pending[1].cancel()
-
-    def _request_timed_out(self, token, subject, timeout):
-        pending = self._requests.pop(token, None)
-        if pending is not None:
-            pending[0].errback(NatsTimeoutError(
-                f"no reply to request on {subject!r} within {timeout}s; is the responder "
-                "running and fast enough?"))
+            self._requests.resolve(token, msg)
 
     # -- flush, drain, close ----------------------------------------------------------
 
@@ -699,12 +687,7 @@ class NatsClient(Service):
         self._pending.clear()
         self._pending_bytes = 0
         protocol, self._protocol = self._protocol, None
-        requests, self._requests = self._requests, {}
-        for response, timer, _subject in requests.values():
-            if timer.active():
-                timer.cancel()
-            response.errback(ConnectionClosedError(
-                "the NATS client closed before the reply arrived"))
+        self._requests.close(ConnectionClosedError("the NATS client closed before the reply arrived"))
         for sub in self._subs.values():
             sub.closed = True
         self._subs.clear()
