@@ -99,3 +99,66 @@ class RawCodecTests(unittest.TestCase):
         with self.assertRaises(FrameError) as e:
             codec.encode(Subscribe("news.>"))
         self.assertIn("only message bodies", str(e.exception))
+
+
+_texts = st.text(alphabet=st.sampled_from('ab "\\\x00\x1f\u00e9\u20ac\U0001f600:{},[]body'), max_size=12)
+_values = st.recursive(st.none() | st.booleans() | st.integers() | _texts,
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_texts, inner, max_size=3),
+                       max_leaves=6)
+
+
+class BodyScanTests(unittest.TestCase):
+    """``envelope._loads_around_body`` (the large-frame path) either declines or gives what
+    parsing the whole frame gives, the body as its UTF-8 bytes."""
+
+    def check(self, payload: bytes):
+        try:
+            expected = json.loads(payload)
+        except ValueError:
+            expected = ValueError
+        got = envelope._loads_around_body(payload)
+        if got is None:
+            return None
+        self.assertIsInstance(expected, dict, payload)
+        self.assertIsInstance(got["body"], bytes)
+        self.assertEqual(got["body"].decode("utf-8"), expected["body"], payload)
+        got = dict(got, body=expected["body"])
+        self.assertEqual(got, expected, payload)
+        return got
+
+    @given(st.dictionaries(_texts, _values, max_size=4), _texts, st.integers(0, 4), st.booleans())
+    def test_agrees_with_json(self, obj, body, at, spaced):
+        items = list(obj.items())
+        items.insert(at % (len(items) + 1), ("body", body))
+        sep = (", ", ": ") if spaced else (",", ":")
+        payload = ("{" + sep[0].join(json.dumps(k, ensure_ascii=False) + sep[1] + json.dumps(v, ensure_ascii=False)
+                                     for k, v in items) + "}").encode("utf-8")
+        self.check(payload)
+
+    def test_takes_the_plain_body_of_a_large_frame(self):
+        payload = b'{"subject":"echo.x","body":"' + "é".encode() * 300 + b'","reply_to":"r.x"}'
+        got = self.check(payload)
+        if envelope.ACCELERATED:
+            self.assertIsNotNone(got)
+
+    def test_declines_what_it_cannot_prove(self):
+        for payload in (
+            b'{"subject":"x","body":"a\\"b"}',               # an escape
+            b'{"x":{"body":"nested"}}',                       # not the top-level body
+            b'{"x":{"body":"nested"},"body":""}',             # the first "body" is nested
+            b'{"body":"one","body":"two"}',                   # a duplicate key
+            b'{"subject":"body","body":"v"}',                 # "body" elsewhere
+            b'{"body":"a\x01b"}',                             # a raw control: invalid JSON
+            b'{"body":"\xff"}',                               # not UTF-8
+            b'{"body":"x"} trailing',                         # not JSON
+            b'{"body":"unterminated',
+        ):
+            self.assertIsNone(self.check(payload), payload)
+
+    def test_invalid_frames_keep_their_errors(self):
+        codec = CODECS["wsprovider.v1.json"]
+        with self.assertRaises(FrameError) as e:
+            codec.decode(b'{"subject":"x","body":"' + b"x" * 300 + b'\x01"}', False)
+        self.assertEqual(e.exception.code, "bad_json")
+        frame = codec.decode(b'{"subject":"x","body":"' + b"y" * 300 + b'"}', False)
+        self.assertEqual(frame.message.body, b"y" * 300)

@@ -13,7 +13,6 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from wsprovider._fastframes import unmask
 from wsprovider.handlers import echo
 
 from .peers import start_provider
@@ -197,6 +196,46 @@ class FastFrameTests(unittest.TestCase):
         yield peer.closed
         self.assertEqual(peer.close_code(), 1000)
 
+    @defer.inlineCallbacks
+    def test_large_frame_over_several_reads(self):
+        # A 16 KiB text frame written in three parts, split inside a UTF-8 sequence and
+        # inside the mask's 4-byte cycle, then a small frame right behind it.
+        peer = yield self.connect()
+        body = ("é" * 5000) + ("x" * 6383)
+        data = frame(json.dumps({"subject": "echo.x", "body": body}, ensure_ascii=False).encode())
+        small = frame(json.dumps({"subject": "echo.x", "body": "after"}).encode())
+        cut1, cut2 = 4001, 9003  # inside "é" (2 bytes each), at odd offsets
+        peer.transport.write(data[:cut1])
+        yield deferLater()
+        peer.transport.write(data[cut1:cut2])
+        yield deferLater()
+        peer.transport.write(data[cut2:] + small)
+        got = yield peer.wait_frames(3)
+        self.assertEqual(self._echo_bodies(got[1:]), [body, "after"])
+
+    @defer.inlineCallbacks
+    def test_invalid_text_in_a_large_frame_fails_before_it_is_complete(self):
+        # The bad byte is in the first part of a 20 KB frame: 1007 comes before the rest is
+        # sent; the rest and the peer's close frame after it are then read properly.
+        peer = yield self.connect()
+        payload = b'{"subject":"echo.x","body":"' + b"x" * 100 + b"\xff" + b"y" * 20000 + b'"}'
+        data = frame(payload)
+        peer.transport.write(data[:2000])
+        yield peer.wait_frames(2)  # welcome, then the close frame
+        self.assertEqual(peer.close_code(), 1007)
+        self.assertFalse(peer.closed.called)
+        peer.transport.write(data[2000:] + frame(struct.pack("!H", 1000), opcode=8))
+        yield peer.closed
+        self.assertEqual([op for op, _ in peer.frames], [1, 8])
+
+    @defer.inlineCallbacks
+    def test_non_minimal_64_bit_length_is_refused(self):
+        peer = yield self.connect()
+        mask = os.urandom(4)
+        peer.transport.write(bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 10) + mask + b"0123456789")
+        yield peer.closed
+        self.assertEqual(peer.close_code(), 1002)
+
     # Autobahn TestSuite 6.4.3 and 6.4.4, "fail fast on invalid UTF-8": the payload is
     # PART1 (valid), PART2 (U+110000 in UTF-8's scheme: invalid), PART3 (valid). The close
     # must come once PART2 is in, before PART3 is sent.
@@ -225,13 +264,41 @@ class FastFrameTests(unittest.TestCase):
         return self._fails_fast([whole[:head + len(self.PART1)],
                                  whole[head + len(self.PART1):head + len(self.PART1) + len(self.PART2)]])
 
-    def test_unmask(self):
-        for n in (0, 1, 3, 4, 5, 125, 126, 4096, 4097, 70000):
-            mask, data = os.urandom(4), os.urandom(n)
-            expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-            self.assertEqual(unmask(mask, data), expected, n)
 
 
 def deferLater():
     from twisted.internet import task
     return task.deferLater(reactor, 0, lambda: None)
+
+
+class LargeFrameTests(unittest.TestCase):
+    """Frames with a 64-bit length (above 65535 bytes) both ways, within MAX_MESSAGE_SIZE."""
+
+    timeout = 20
+    connect = FastFrameTests.connect
+    _echo_bodies = FastFrameTests._echo_bodies
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.provider = yield start_provider(self, config={"MAX_MESSAGE_SIZE": str(1 << 20)},
+                                             handlers=[("echo", echo, {"SUBSCRIPTIONS": "echo.>"})])
+
+    @defer.inlineCallbacks
+    def test_64_bit_frames_both_ways(self):
+        peer = yield self.connect()
+        bodies = ["a" * 70000, "b" * 300000]
+        for body in bodies:
+            data = frame(json.dumps({"subject": "echo.x", "body": body}).encode())
+            self.assertEqual(data[1] & 0x7F, 127)
+            peer.transport.write(data[:40000])
+            yield deferLater()
+            peer.transport.write(data[40000:])
+        got = yield peer.wait_frames(3)
+        self.assertEqual(self._echo_bodies(got[1:]), bodies)
+
+    @defer.inlineCallbacks
+    def test_over_the_limit_closes_1009(self):
+        peer = yield self.connect()
+        peer.transport.write(frame(b"x" * ((1 << 20) + 1), opcode=2))
+        yield peer.closed
+        self.assertEqual(peer.close_code(), 1009)

@@ -6,17 +6,18 @@ its debug-log arguments (colourised with click) on every read and write even whe
 logging is off. For 100-byte messages that is most of the server's time. This mixin
 handles the common case itself and hands everything else to Autobahn, unchanged.
 
-Inbound, handled here: a whole, unfragmented (FIN), masked text or binary frame without
-RSV bits, at most 65535 bytes and within ``maxFramePayloadSize`` and
-``maxMessagePayloadSize``, on an OPEN connection without compression, outside a
-fragmented message. The same checks hold: a text frame must be valid UTF-8 (else the
-connection fails with 1007 through Autobahn's own ``_invalid_payload``); a text frame not
-wholly received yet goes to Autobahn, whose incremental validator fails it as soon as an
-invalid byte arrives (Autobahn TestSuite 6.4.x, fail fast); anything larger,
-unmasked, fragmented, a control frame or a reserved opcode goes to Autobahn, which
-applies its limits and close codes as before.
+Inbound, handled here: unfragmented (FIN), masked text or binary frames without RSV bits,
+of any length within ``maxFramePayloadSize`` and ``maxMessagePayloadSize``, on an OPEN
+connection without compression, outside a fragmented message, including frames that
+arrive over several reads (each waits at the head of the buffer). The same checks hold:
+a text frame must be valid UTF-8, else the connection fails with 1007 through Autobahn's
+own ``_invalid_payload``; a text frame still arriving is checked as its bytes come in
+(stdlib incremental decoder), so invalid UTF-8 fails at once, not when the frame is
+complete (Autobahn TestSuite 6.4.x, fail fast), and no byte is checked twice. Anything
+larger than the limits, unmasked, fragmented, a control frame or a reserved opcode goes to
+Autobahn, which applies its limits and close codes as before.
 
-Outbound, handled here: one unfragmented frame written straight to the transport when
+Outbound, handled here: one unfragmented frame of any length written straight to the transport when
 the connection is OPEN, Autobahn's send queue is empty, and there is no compression,
 auto-fragmentation or frame logging. Autobahn's ``trafficStats`` are not updated for
 frames on these paths (wsprovider keeps its own counters in ``SessionStats``).
@@ -24,24 +25,17 @@ frames on these paths (wsprovider keeps its own counters in ``SessionStats``).
 
 from __future__ import annotations
 
+import codecs
+
 from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.xormasker import create_xor_masker
+
+from ._accel import unmask
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = (WebSocketProtocol.STATE_CONNECTING, WebSocketProtocol.STATE_PROXY_CONNECTING)
 _from_bytes = int.from_bytes
-_BIG_UNMASK = 4096
-
-
-def unmask(mask: bytes, payload: bytes) -> bytes:
-    """XOR ``payload`` with the repeated 4-byte ``mask`` (RFC 6455 5.3)."""
-    n = len(payload)
-    if n > _BIG_UNMASK:
-        return create_xor_masker(mask, n).process(payload)
-    if not n:
-        return b""
-    key = (mask * ((n >> 2) + 1))[:n]
-    return (_from_bytes(payload, "little") ^ _from_bytes(key, "little")).to_bytes(n, "little")
+_MAX_FAST = 1 << 62  # frames up to the limits the connection applies
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 class FastFramesMixin:
@@ -73,26 +67,38 @@ class FastFramesMixin:
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
 
     def _fast_limit(self) -> int:
-        limit = 65535
+        limit = _MAX_FAST
         for v in (self.maxFramePayloadSize, self.maxMessagePayloadSize):
             if 0 < v < limit:
                 limit = v
         return limit
 
     def processData(self) -> bool:
+        if self._skip:
+            # The rest of a text frame already failed for invalid UTF-8 (1007 is out): drop
+            # it as it arrives, so the peer's close frame after it is read as a frame.
+            data = self.data
+            k = min(self._skip, len(data))
+            self._skip -= k
+            self.data = data[k:]
+            if self._skip or not self.data:
+                return False
         if (self.current_frame is not None or self.inside_message or self.state != _OPEN
                 or self._perMessageCompress is not None or self.logFrames or self.failedByMe
                 or not self.applyMask or not self.factory.isServer):
+            self._partial_text = None
             return super().processData()
         data = self.data
         n = len(data)
         pos = 0
         limit = self._fast_limit()
         validate = self.utf8validateIncoming
-        while pos + 6 <= n:
+        while pos < n:
             b0 = data[pos]
             if b0 != 0x81 and b0 != 0x82:
                 break  # fragment, control frame, RSV bits, reserved opcode: Autobahn's
+            if pos + 2 > n:
+                return self._wait_at(data, pos)
             b1 = data[pos + 1]
             if b1 < 0x80:
                 break  # unmasked: Autobahn refuses it
@@ -100,36 +106,55 @@ class FastFramesMixin:
             if length < 126:
                 start = pos + 6
             elif length == 126:
-                if pos + 8 > n:
-                    break
+                start = pos + 8
+                if start > n:
+                    return self._wait_at(data, pos)
                 length = (data[pos + 2] << 8) | data[pos + 3]
                 if length < 126:
                     break  # not minimally encoded: Autobahn refuses it
-                start = pos + 8
             else:
-                break
+                start = pos + 14
+                if start > n:
+                    return self._wait_at(data, pos)
+                length = _from_bytes(data[pos + 2:pos + 10], "big")
+                if length < 65536 or length >> 63:
+                    break  # not minimally encoded, or the top bit set: Autobahn refuses it
             if length > limit:
                 break  # Autobahn closes with 1009
+            if start > n:
+                return self._wait_at(data, pos)
             end = start + length
             if end > n:
+                # Not all here yet: wait, with this frame first in the buffer. Text is checked
+                # as it arrives, so invalid UTF-8 fails at once (1007), not once the frame is
+                # complete (Autobahn TestSuite 6.4.x, "fail fast").
+                self._wait_at(data, pos)
                 if validate and b0 == 0x81:
-                    # Text still on its way: Autobahn's incremental validator checks it as the
-                    # bytes arrive, so invalid UTF-8 fails at once (1007), not when complete.
-                    break
-                # A good header; the rest of the binary frame is still on its way.
-                self.data = data[pos:] if pos else data
+                    self._check_arrived_text(start - pos, end - pos)
                 return False
-            payload = unmask(data[start - 4:start], data[start:end])
-            pos = end
             is_binary = b0 == 0x82
-            if validate and not is_binary:
+            partial = self._partial_text
+            if partial is not None:  # only ever for the frame at the head of the buffer
+                # Its head was checked while it arrived: unmask and check the rest only.
+                self._partial_text = None
+                checked, decoder, plain = partial
+                rest = unmask(data[start - 4:start], data[start + checked:end], checked)
                 try:
-                    payload.decode("utf-8")
+                    decoder.decode(rest, True)
                 except UnicodeDecodeError as e:
-                    self.data = data[pos:]
-                    self._invalid_payload(f"encountered invalid UTF-8 while processing text message "
-                                          f"at payload octet index {e.start}")
-                    return False
+                    self.data = data[end:]
+                    return self._bad_text(checked + e.start)
+                plain.append(rest)
+                payload = b"".join(plain)
+            else:
+                payload = unmask(data[start - 4:start], data[start:end])
+                if validate and not is_binary:
+                    try:
+                        payload.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        self.data = data[end:]
+                        return self._bad_text(e.start)
+            pos = end
             if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
                 self._cancelAutoPingTimeoutCall()
             self.onMessage(payload, is_binary)
@@ -141,15 +166,54 @@ class FastFramesMixin:
             return False
         return super().processData()
 
+    _skip = 0             # bytes of a failed text frame still to drop
+    _partial_text = None  # the text frame at the head of the buffer, as far as it arrived:
+    #                       [payload bytes checked, incremental UTF-8 decoder, unmasked parts]
+
+    def _wait_at(self, data: bytes, pos: int) -> bool:
+        """Keep the frame at ``pos`` (not all here yet) at the head of the buffer; wait."""
+        if pos:
+            self.data = data[pos:]
+        return False
+
+    def _check_arrived_text(self, start: int, end: int) -> None:
+        """Check the UTF-8 of what arrived of the text frame at the head of the buffer."""
+        data = self.data
+        partial = self._partial_text
+        if partial is None:
+            partial = self._partial_text = [0, _utf8_decoder(), []]
+        checked = partial[0]
+        arrived = len(data) - start
+        if arrived <= checked:
+            return
+        chunk = unmask(data[start - 4:start], data[start + checked:], checked)
+        try:
+            partial[1].decode(chunk, False)
+        except UnicodeDecodeError as e:
+            self.data = b""
+            self._skip = end - len(data)
+            self._bad_text(checked + e.start)
+            return
+        partial[2].append(chunk)
+        partial[0] = arrived
+
+    def _bad_text(self, index: int) -> bool:
+        self._partial_text = None
+        self._invalid_payload(f"encountered invalid UTF-8 while processing text message "
+                              f"at payload octet index {index}")
+        return False
+
     def send_message_fast(self, payload: bytes, is_binary: bool) -> None:
         """``sendMessage(payload, is_binary)``, without Autobahn's general machinery when possible."""
         n = len(payload)
-        if (n > 65535 or self.state != _OPEN or self.send_queue or self._perMessageCompress is not None
+        if (self.state != _OPEN or self.send_queue or self._perMessageCompress is not None
                 or self.logFrames or self.logOctets or self.trackedTimings
                 or 0 < self.autoFragmentSize < n or 0 < self.maxMessagePayloadSize < n):
             return self.sendMessage(payload, is_binary)
         opcode = 0x82 if is_binary else 0x81
         if n < 126:
             self.transport.write(bytes((opcode, n)) + payload)
-        else:
+        elif n < 65536:
             self.transport.write(bytes((opcode, 126, n >> 8, n & 0xFF)) + payload)
+        else:
+            self.transport.write(bytes((opcode, 127)) + n.to_bytes(8, "big") + payload)

@@ -1,0 +1,137 @@
+/*
+ * wsprovider._speedups: the two byte loops of the large-message path, in C.
+ *
+ * Optional: setup.py builds it when a C compiler is there, and wsprovider._accel falls
+ * back to pure Python (same results, slower) when it is missing or when
+ * WSPROVIDER_PURE_PYTHON=1 is set. The test suite runs against both (.ci/run).
+ *
+ *   unmask(mask, data, offset=0) -> bytes
+ *       data XOR the 4-byte WebSocket mask (RFC 6455 5.3), the mask taken from byte
+ *       ``offset`` of its cycle (for a frame's payload checked in parts as it arrives).
+ *
+ *   plain_prefix(data, start=0) -> int
+ *       The index of the first byte at or after ``start`` that a JSON string literal
+ *       cannot hold as it is ('"', '\\' or a C0 control), or len(data) if there is none.
+ *       On a frame: where the string literal that opens at ``start - 1`` ends, when it
+ *       has no escapes. On a body: len(body) means "needs no escaping".
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+static PyObject *
+speedups_unmask(PyObject *self, PyObject *args)
+{
+    Py_buffer mask, data;
+    Py_ssize_t offset = 0;
+    if (!PyArg_ParseTuple(args, "y*y*|n:unmask", &mask, &data, &offset))
+        return NULL;
+    PyObject *out = NULL;
+    if (mask.len != 4) {
+        PyErr_SetString(PyExc_ValueError, "unmask: the mask must be 4 bytes");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, data.len);
+    if (out == NULL)
+        goto done;
+    {
+        const unsigned char *key = (const unsigned char *)mask.buf;
+        const unsigned char *src = (const unsigned char *)data.buf;
+        unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
+        unsigned char m[8];
+        uint64_t m64, w;
+        Py_ssize_t i = 0, n = data.len;
+        for (int k = 0; k < 8; k++)
+            m[k] = key[(k + (offset & 3)) & 3];
+        memcpy(&m64, m, 8);
+        for (; i + 8 <= n; i += 8) {
+            memcpy(&w, src + i, 8);
+            w ^= m64;
+            memcpy(dst + i, &w, 8);
+        }
+        for (; i < n; i++)
+            dst[i] = src[i] ^ m[i & 7];
+    }
+done:
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+#define ESCAPED(c) ((c) < 0x20 || (c) == '"' || (c) == '\\')
+#define BLOCK 32
+
+static PyObject *
+speedups_plain_prefix(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    Py_ssize_t start = 0;
+    if (!PyArg_ParseTuple(args, "y*|n:plain_prefix", &data, &start))
+        return NULL;
+    const unsigned char *p = (const unsigned char *)data.buf;
+    Py_ssize_t n = data.len, i = start < 0 ? 0 : start;
+    if (i > n)
+        i = n;
+#if defined(__SSE2__)
+    /* 64 bytes per step: a byte is escaped if it equals '"' or '\\', or if max(c, 0x1f)
+     * is 0x1f (c <= 0x1f, unsigned). The exact index is found by the byte loop below. */
+    {
+        const __m128i quote = _mm_set1_epi8('"'), bslash = _mm_set1_epi8('\\');
+        const __m128i ctl = _mm_set1_epi8(0x1f);
+#define BAD16(v) _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8((v), quote), _mm_cmpeq_epi8((v), bslash)), \
+                              _mm_cmpeq_epi8(_mm_max_epu8((v), ctl), ctl))
+        while (i + 64 <= n) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(p + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(p + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(p + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(p + i + 48));
+            __m128i bad = _mm_or_si128(_mm_or_si128(BAD16(a), BAD16(b)), _mm_or_si128(BAD16(c), BAD16(d)));
+            if (_mm_movemask_epi8(bad))
+                break;
+            i += 64;
+        }
+#undef BAD16
+    }
+#else
+    /* Whole blocks first: a branch-free test per block, which the compiler vectorises. */
+    while (i + BLOCK <= n) {
+        unsigned acc = 0;
+        for (int k = 0; k < BLOCK; k++) {
+            unsigned char c = p[i + k];
+            acc |= ESCAPED(c);
+        }
+        if (acc)
+            break;
+        i += BLOCK;
+    }
+#endif
+    for (; i < n; i++) {
+        if (ESCAPED(p[i]))
+            break;
+    }
+    PyBuffer_Release(&data);
+    return PyLong_FromSsize_t(i);
+}
+
+static PyMethodDef speedups_methods[] = {
+    {"unmask", speedups_unmask, METH_VARARGS,
+     "unmask(mask, data, offset=0) -> bytes: data XOR the WebSocket mask from byte offset of its cycle."},
+    {"plain_prefix", speedups_plain_prefix, METH_VARARGS,
+     "plain_prefix(data, start=0) -> int: index of the first byte JSON must escape, or len(data)."},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT, "wsprovider._speedups",
+    "C versions of wsprovider._accel's byte loops (see that module).", -1, speedups_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&speedups_module);
+}
