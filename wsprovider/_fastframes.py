@@ -26,8 +26,10 @@ frames on these paths (wsprovider keeps its own counters in ``SessionStats``).
 from __future__ import annotations
 
 import codecs
+import collections
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.utf8validator import Utf8Validator
 
 from ._accel import unmask
 
@@ -52,12 +54,43 @@ class FastFramesMixin:
         self.CONFIG_ATTRS = ()
         super()._connectionMade()
 
+    # Memory per idle session: Autobahn gives every connection an empty send queue (a deque,
+    # 760 bytes) and a UTF-8 validator that only its own (fragmented-message) path uses.
+    # Both are made on first use instead; the fast paths test ``_send_queue`` directly.
+    _send_queue = None
+    _utf8validator = None
+
+    @property
+    def send_queue(self):
+        if self._send_queue is None:
+            self._send_queue = collections.deque()
+        return self._send_queue
+
+    @send_queue.setter
+    def send_queue(self, queue):
+        self._send_queue = queue if queue else None
+
+    @property
+    def utf8validator(self):
+        if self._utf8validator is None:
+            self._utf8validator = Utf8Validator()
+        return self._utf8validator
+
+    @utf8validator.setter
+    def utf8validator(self, validator):
+        pass  # Autobahn's, made per connection: made when first needed instead
+
+    def forget_handshake(self) -> None:
+        """Free what only the opening handshake needed (the request and response text)."""
+        self.http_request_data = self.http_response_data = self.http_status_line = None
+        self._wskey = None
+
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's version formats debug-log arguments first, on every read.
         self._dataReceived(data)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize=None) -> None:
-        if sync or chopsize or self.send_queue or self.logOctets:
+        if sync or chopsize or self._send_queue or self.logOctets:
             return super().sendData(data, sync, chopsize)
         self.transport.write(data)
         state = self.state
@@ -206,7 +239,7 @@ class FastFramesMixin:
     def send_message_fast(self, payload: bytes, is_binary: bool) -> None:
         """``sendMessage(payload, is_binary)``, without Autobahn's general machinery when possible."""
         n = len(payload)
-        if (self.state != _OPEN or self.send_queue or self._perMessageCompress is not None
+        if (self.state != _OPEN or self._send_queue or self._perMessageCompress is not None
                 or self.logFrames or self.logOctets or self.trackedTimings
                 or 0 < self.autoFragmentSize < n or 0 < self.maxMessagePayloadSize < n):
             return self.sendMessage(payload, is_binary)

@@ -97,6 +97,7 @@ class MessagingServerProtocol(FastFramesMixin, WebSocketServerProtocol):
         session = factory.hub.open_session(self, self._admission, self.peer, self.http_headers)
         self.session = session
         self.onMessage = session.received  # the hot path, without a hop through this class
+        self.forget_handshake()
 
     # -- inbound ------------------------------------------------------------------------
 

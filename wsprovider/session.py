@@ -121,6 +121,21 @@ class Admission:
         self.subscribe = subscribe
 
 
+class _NoEntries(dict):
+    """The one shared, always empty stand-in for a session's dicts until it needs its own."""
+
+    def __setitem__(self, key, value):
+        raise TypeError("the shared empty mapping cannot hold entries; give the session its own dict")
+
+    def setdefault(self, key, default=None):
+        raise TypeError("the shared empty mapping cannot hold entries; give the session its own dict")
+
+    update = setdefault
+
+
+_NONE = _NoEntries()
+
+
 class Session:
     """One peer. Built by ``SessionHub.open_session`` once the WebSocket is open."""
 
@@ -147,14 +162,17 @@ class Session:
         self.connected_at = hub.clock.seconds()
         self.state = OPEN
         self.close_code = None
-        self._closed = defer.Deferred()
-        self._subs: dict = {}          # pattern -> ISubscription (None while subscribing)
-        self._queues: dict = {}        # pattern -> queue group name (or None)
-        self._sub_waiters: dict = {}   # pattern -> frame ids to acknowledge once live
+        # Made on first use (most sessions never subscribe, request or answer): an idle
+        # session holds the shared empty ``_NONE`` instead of four dicts, no OwedReplies
+        # and no Deferred (docs/benchmarks.rst, W4).
+        self._closed = None            # Deferreds of when_closed(), fired by closed()
+        self._subs: dict = _NONE       # pattern -> ISubscription (None while subscribing)
+        self._queues: dict = _NONE     # pattern -> queue group name (or None)
+        self._sub_waiters: dict = _NONE  # pattern -> frame ids to acknowledge once live
         self._address_subs = ()
-        self._inflight: dict = {}      # token -> the lattice's Deferred for a peer's request
+        self._inflight: dict = _NONE   # token -> the lattice's Deferred for a peer's request
         self._inflight_ids = 0
-        self._owed = OwedReplies(hub.clock, MAX_OWED_REPLIES, hub.config.max_request_timeout_ms / 1000.0)
+        self._owed = None              # OwedReplies: reply subjects this session may answer once
         self._queue = None             # deque of (kind, item, size) while the transport is full
         self._queued_bytes = 0
         self._abort_call = None
@@ -212,8 +230,10 @@ class Session:
         d = defer.Deferred()
         if self.state == CLOSED:
             d.callback(None)
+        elif self._closed is None:
+            self._closed = [d]
         else:
-            self._closed.addBoth(lambda r: (d.callback(None), r)[1])
+            self._closed.append(d)
         return d
 
     def close(self, code: int, reason: str, grace: float | None = None) -> None:
@@ -245,20 +265,21 @@ class Session:
             if sub is not None:
                 sub.unsubscribe()
         hub.subscription_count -= len(self._subs)
-        self._subs.clear()
-        self._queues.clear()
-        self._sub_waiters.clear()
+        self._subs = self._queues = self._sub_waiters = _NONE
         self._queue = None
-        inflight, self._inflight = self._inflight, {}
+        inflight, self._inflight = self._inflight, _NONE
         for d in inflight.values():  # their lattice entries and reply subscriptions go now
             hub.stats.requests_cancelled += 1
             d.cancel()
         lattice = hub.lattice
-        for reply_to in self._owed.clear():
+        owed, self._owed = self._owed, None
+        for reply_to in (owed.clear() if owed is not None else ()):
             lattice.fail_reply(reply_to, NotConnected(
                 f"session {self.session_id} disconnected before replying (close code {code})"))
         hub.session_closed(self, code, reason)
-        self._closed.callback(None)
+        waiters, self._closed = self._closed, None
+        for d in waiters or ():
+            d.callback(None)
 
     # -- inbound ------------------------------------------------------------------------
 
@@ -323,7 +344,7 @@ class Session:
         """Return the message to put on the lattice, or None after answering with an error."""
         msg = frame.message
         subject = msg.subject
-        owed = bool(self._owed) and subject in self._owed
+        owed = self._owed is not None and bool(self._owed) and subject in self._owed
         if not owed:
             rule = self.publish_permissions.check_publish(subject)
             if rule is not None:
@@ -393,6 +414,8 @@ class Session:
             d = defer.fail()
         frame_id = frame.frame_id
         if not d.called:
+            if self._inflight is _NONE:
+                self._inflight = {}
             self._inflight[token] = d
         d.addCallbacks(self._replied, self._failed, callbackArgs=(frame_id,),
                        errbackArgs=(frame_id, msg.subject))
@@ -454,6 +477,8 @@ class Session:
                             f"the service holds {hub.subscription_count} peer subscriptions "
                             "(MAX_TOTAL_SUBSCRIPTIONS); retry later", frame.frame_id)
             return
+        if self._subs is _NONE:
+            self._subs, self._queues, self._sub_waiters = {}, {}, {}
         self._subs[pattern] = None  # reserved while the lattice subscribes
         self._queues[pattern] = frame.queue
         hub.subscription_count += 1
@@ -511,7 +536,12 @@ class Session:
         if self.send_payload(payload):
             reply_to = msg.reply_to
             if reply_to is not None and not reply_to.startswith(self.address):
-                self._owed.grant(reply_to)
+                owed = self._owed
+                if owed is None:
+                    hub = self.hub
+                    owed = self._owed = OwedReplies(hub.clock, MAX_OWED_REPLIES,
+                                                    hub.config.max_request_timeout_ms / 1000.0)
+                owed.grant(reply_to)
         elif self.state != OPEN:
             raise NotConnected(f"session {self.session_id} is closed (slow consumer)")
 
