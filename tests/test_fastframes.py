@@ -9,7 +9,8 @@ import json
 import os
 import struct
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet.testing import StringTransport
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
@@ -302,3 +303,74 @@ class LargeFrameTests(unittest.TestCase):
         peer.transport.write(frame(b"x" * ((1 << 20) + 1), opcode=2))
         yield peer.closed
         self.assertEqual(peer.close_code(), 1009)
+
+
+class _Socket:
+    def __init__(self, accept):
+        self.accept = accept  # bytes taken per send, or an exception to raise
+        self.sent = []
+
+    def send(self, data):
+        if isinstance(self.accept, Exception):
+            raise self.accept
+        self.sent.append(bytes(data[:self.accept]))
+        return min(self.accept, len(data))
+
+
+class _Tcp(tcp.Connection):
+    """A plain Twisted TCP connection as the batch sees it, with a socket that takes
+    ``accept`` bytes per send and a ``write`` that records what Twisted would buffer."""
+
+    def __init__(self, accept=1 << 20):
+        self.socket = _Socket(accept)
+        self.connected, self.disconnecting = 1, 0
+        self._tempDataBuffer = []  # FileDescriptor's, empty: nothing buffered
+        self.written = []
+
+    def write(self, data):
+        self.written.append(bytes(data))
+
+
+class BatchedWriteTests(unittest.TestCase):
+    """Frames written while one read is processed go out together (``_send_batch``)."""
+
+    def protocol(self, transport):
+        from wsprovider._fastframes import FastFramesMixin
+        p = FastFramesMixin()
+        p.transport = transport
+        return p
+
+    def test_one_send_when_nothing_is_buffered(self):
+        t = _Tcp()
+        self.protocol(t)._send_batch([b"one", b"two"])
+        self.assertEqual((t.socket.sent, t.written), ([b"onetwo"], []))
+
+    def test_what_the_socket_does_not_take_goes_to_twisted(self):
+        t = _Tcp(accept=2)
+        self.protocol(t)._send_batch([b"one", b"two"])
+        self.assertEqual((t.socket.sent, t.written), ([b"on"], [b"etwo"]))
+        t = _Tcp(accept=BlockingIOError())
+        self.protocol(t)._send_batch([b"x"])
+        self.assertEqual(t.written, [b"x"])
+
+    def test_behind_twisted_buffers_tls_or_a_wrapper_nothing_jumps_the_queue(self):
+        t = _Tcp()
+        t._tempDataBuffer = [b"earlier"]
+        self.protocol(t)._send_batch([b"later"])
+        self.assertEqual((t.socket.sent, t.written), ([], [b"later"]))
+        t = _Tcp()
+        t.TLS = True
+        self.protocol(t)._send_batch([b"secret"])
+        self.assertEqual((t.socket.sent, t.written), ([], [b"secret"]))
+        wrapper = StringTransport()
+        wrapper.TLS, wrapper.dataBuffer, wrapper._tempDataBuffer = False, b"", []
+        self.protocol(wrapper)._send_batch([b"wrapped"])
+        self.assertEqual(wrapper.value(), b"wrapped")
+
+    def test_a_close_sends_the_batch_first_and_only_once(self):
+        t = _Tcp()
+        p = self.protocol(t)
+        p._batch = [b"reply", b"close-frame"]
+        p._flush_batch()  # what _closeConnection does before the transport is closed
+        self.assertEqual(p._batch, [])
+        self.assertEqual(t.socket.sent, [b"replyclose-frame"])

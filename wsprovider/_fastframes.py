@@ -30,6 +30,7 @@ import collections
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
+from twisted.internet.tcp import Connection as _TcpConnection
 
 from ._accel import unmask
 
@@ -85,14 +86,63 @@ class FastFramesMixin:
         self.http_request_data = self.http_response_data = self.http_status_line = None
         self._wskey = None
 
+    # Frames written to this connection while one read is processed (the echo of a
+    # request, pongs, errors) are sent together once the read is done, in one send(2) and
+    # straight away when Twisted has nothing buffered for the socket, instead of one
+    # buffered write each that waits for the reactor's next turn and costs two epoll_ctl.
+    _batch = None
+
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's version formats debug-log arguments first, on every read.
-        self._dataReceived(data)
+        if self._batch is not None:
+            self._dataReceived(data)
+            return
+        self._batch = []
+        try:
+            self._dataReceived(data)
+        finally:
+            batch, self._batch = self._batch, None  # a new list if it was flushed meanwhile
+            if batch:
+                self._send_batch(batch)
+
+    def _send_batch(self, batch: list) -> None:
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        transport = self.transport
+        # Only Twisted's own plain TCP connection (not TLS, not a wrapper that forwards its
+        # attributes) with nothing waiting in its buffers (FileDescriptor's dataBuffer and
+        # _tempDataBuffer) may be written to directly.
+        if (isinstance(transport, _TcpConnection) and transport.TLS is False and transport.connected
+                and not transport.disconnecting and not transport.dataBuffer
+                and not getattr(transport, "_tempDataBuffer", True)):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0  # full, or failing: Twisted's write finds out and reports it
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
+
+    def _flush_batch(self) -> None:
+        """Send what is batched now: something is about to write past the batch or close."""
+        batch = self._batch
+        if batch:
+            self._batch = []  # still batching for the rest of this read
+            self._send_batch(batch)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        self._flush_batch()
+        super()._closeConnection(abort)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize=None) -> None:
         if sync or chopsize or self._send_queue or self.logOctets:
+            self._flush_batch()
             return super().sendData(data, sync, chopsize)
-        self.transport.write(data)
+        batch = self._batch
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.transport.write(data)
         state = self.state
         if state == _OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
@@ -245,8 +295,13 @@ class FastFramesMixin:
             return self.sendMessage(payload, is_binary)
         opcode = 0x82 if is_binary else 0x81
         if n < 126:
-            self.transport.write(bytes((opcode, n)) + payload)
+            frame = bytes((opcode, n)) + payload
         elif n < 65536:
-            self.transport.write(bytes((opcode, 126, n >> 8, n & 0xFF)) + payload)
+            frame = bytes((opcode, 126, n >> 8, n & 0xFF)) + payload
         else:
-            self.transport.write(bytes((opcode, 127)) + n.to_bytes(8, "big") + payload)
+            frame = bytes((opcode, 127)) + n.to_bytes(8, "big") + payload
+        batch = self._batch
+        if batch is not None:
+            batch.append(frame)
+        else:
+            self.transport.write(frame)
