@@ -316,6 +316,9 @@ class _Socket:
         self.sent.append(bytes(data[:self.accept]))
         return min(self.accept, len(data))
 
+    def sendmsg(self, buffers):
+        return self.send(b"".join(buffers))
+
 
 class _Tcp(tcp.Connection):
     """A plain Twisted TCP connection as the batch sees it, with a socket that takes
@@ -349,6 +352,9 @@ class BatchedWriteTests(unittest.TestCase):
         t = _Tcp(accept=2)
         self.protocol(t)._send_batch([b"one", b"two"])
         self.assertEqual((t.socket.sent, t.written), ([b"on"], [b"etwo"]))
+        t = _Tcp(accept=5)
+        self.protocol(t)._send_batch([b"head", b"body" * 3])
+        self.assertEqual((t.socket.sent, t.written), ([b"headb"], [b"odybodybody"]))
         t = _Tcp(accept=BlockingIOError())
         self.protocol(t)._send_batch([b"x"])
         self.assertEqual(t.written, [b"x"])

@@ -39,6 +39,10 @@ _CONNECTING = (WebSocketProtocol.STATE_CONNECTING, WebSocketProtocol.STATE_PROXY
 _from_bytes = int.from_bytes
 _MAX_FAST = 1 << 62  # frames up to the limits the connection applies
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_READ_SIZE = 1 << 16      # Twisted's read size (FileDescriptor.bufferSize)
+_MAX_READ_SIZE = 1 << 18  # what reads grow to while the peer keeps the socket full
+_MAX_PIECES = 512         # buffers per sendmsg (Linux takes up to 1024)
+_SEPARATE_BODY = 2048     # from this size a frame's payload is not copied behind its header
 
 
 class FastFramesMixin:
@@ -94,6 +98,17 @@ class FastFramesMixin:
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's version formats debug-log arguments first, on every read.
+        transport = self.transport
+        read_size = getattr(transport, "bufferSize", 0)
+        n = len(data)
+        if n >= read_size > 0:
+            # The read filled Twisted's buffer: more is waiting. Read in larger pieces (fewer
+            # reads, and a large frame in one piece), up to _MAX_READ_SIZE; back to Twisted's
+            # 64 KiB once reads come in small, since every read allocates its full size.
+            if read_size < _MAX_READ_SIZE:
+                transport.bufferSize = read_size * 2
+        elif read_size > _READ_SIZE and n < _READ_SIZE // 8:
+            transport.bufferSize = _READ_SIZE
         if self._batch is not None:
             self._dataReceived(data)
             return
@@ -106,7 +121,6 @@ class FastFramesMixin:
                 self._send_batch(batch)
 
     def _send_batch(self, batch: list) -> None:
-        data = batch[0] if len(batch) == 1 else b"".join(batch)
         transport = self.transport
         # Only Twisted's own plain TCP connection (not TLS, not a wrapper that forwards its
         # attributes) with nothing waiting in its buffers (FileDescriptor's dataBuffer and
@@ -114,13 +128,22 @@ class FastFramesMixin:
         if (isinstance(transport, _TcpConnection) and transport.TLS is False and transport.connected
                 and not transport.disconnecting and not transport.dataBuffer
                 and not getattr(transport, "_tempDataBuffer", True)):
+            # The pieces go out as they are (sendmsg gathers them): a large body is not
+            # copied into one buffer first.
             try:
-                sent = transport.socket.send(data)
+                if len(batch) == 1:
+                    sent = transport.socket.send(batch[0])
+                elif len(batch) <= _MAX_PIECES:
+                    sent = transport.socket.sendmsg(batch)
+                else:
+                    sent = transport.socket.send(b"".join(batch))
             except OSError:
                 sent = 0  # full, or failing: Twisted's write finds out and reports it
-            if sent == len(data):
+            if sent == sum(map(len, batch)):
                 return
-            data = data[sent:]
+            data = b"".join(batch)[sent:] if sent else b"".join(batch)
+        else:
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
         transport.write(data)
 
     def _flush_batch(self) -> None:
@@ -221,7 +244,7 @@ class FastFramesMixin:
                 # Its head was checked while it arrived: unmask and check the rest only.
                 self._partial_text = None
                 checked, decoder, plain = partial
-                rest = unmask(data[start - 4:start], data[start + checked:end], checked)
+                rest = unmask(data[start - 4:start], memoryview(data)[start + checked:end], checked)
                 try:
                     decoder.decode(rest, True)
                 except UnicodeDecodeError as e:
@@ -230,7 +253,7 @@ class FastFramesMixin:
                 plain.append(rest)
                 payload = b"".join(plain)
             else:
-                payload = unmask(data[start - 4:start], data[start:end])
+                payload = unmask(data[start - 4:start], memoryview(data)[start:end])
                 if validate and not is_binary:
                     try:
                         payload.decode("utf-8")
@@ -295,13 +318,16 @@ class FastFramesMixin:
             return self.sendMessage(payload, is_binary)
         opcode = 0x82 if is_binary else 0x81
         if n < 126:
-            frame = bytes((opcode, n)) + payload
+            header = bytes((opcode, n))
         elif n < 65536:
-            frame = bytes((opcode, 126, n >> 8, n & 0xFF)) + payload
+            header = bytes((opcode, 126, n >> 8, n & 0xFF))
         else:
-            frame = bytes((opcode, 127)) + n.to_bytes(8, "big") + payload
+            header = bytes((opcode, 127)) + n.to_bytes(8, "big")
         batch = self._batch
-        if batch is not None:
-            batch.append(frame)
+        if batch is None:
+            self.transport.write(header + payload)
+        elif n < _SEPARATE_BODY:
+            batch.append(header + payload)
         else:
-            self.transport.write(frame)
+            batch.append(header)
+            batch.append(payload)  # not copied: sendmsg gathers it
