@@ -380,3 +380,28 @@ class BatchedWriteTests(unittest.TestCase):
         p._flush_batch()  # what _closeConnection does before the transport is closed
         self.assertEqual(p._batch, [])
         self.assertEqual(t.socket.sent, [b"replyclose-frame"])
+
+    def test_writes_to_any_connection_during_a_read_go_out_when_it_is_done(self):
+        from types import SimpleNamespace
+
+        from wsprovider._fastframes import _OPEN
+        a, b = _Tcp(), _Tcp()
+        pa, pb = self.protocol(a), self.protocol(b)
+        for p in (pa, pb):
+            p.logOctets, p.state = False, _OPEN
+            p.trafficStats = SimpleNamespace(outgoingOctetsWireLevel=0)
+        seen_during_read = []
+
+        def process(data):
+            pb.sendData(b"to-b")       # e.g. a broadcast's delivery to another session
+            pa.sendData(b"reply-1")
+            pa.sendData(b"reply-2")
+            seen_during_read.append((list(a.socket.sent), list(b.socket.sent)))
+
+        pa._dataReceived = process
+        pa.dataReceived(b"request")
+        self.assertEqual(seen_during_read, [([], [])])
+        self.assertEqual((a.socket.sent, b.socket.sent), ([b"reply-1reply-2"], [b"to-b"]))
+        self.assertIsNone(pa._batch)
+        pb.sendData(b"later")  # outside a read: Twisted's write, as before
+        self.assertEqual(b.written, [b"later"])

@@ -31,6 +31,7 @@ import collections
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet.tcp import Connection as _TcpConnection
+from twisted.logger import Logger
 
 from ._accel import unmask
 
@@ -39,6 +40,7 @@ _CONNECTING = (WebSocketProtocol.STATE_CONNECTING, WebSocketProtocol.STATE_PROXY
 _from_bytes = int.from_bytes
 _MAX_FAST = 1 << 62  # frames up to the limits the connection applies
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_log = Logger(namespace="wsprovider.frames")
 _READ_SIZE = 1 << 16      # Twisted's read size (FileDescriptor.bufferSize)
 _MAX_READ_SIZE = 1 << 18  # what reads grow to while the peer keeps the socket full
 _MAX_PIECES = 512         # buffers per sendmsg (Linux takes up to 1024)
@@ -90,10 +92,11 @@ class FastFramesMixin:
         self.http_request_data = self.http_response_data = self.http_status_line = None
         self._wskey = None
 
-    # Frames written to this connection while one read is processed (the echo of a
-    # request, pongs, errors) are sent together once the read is done, in one send(2) and
-    # straight away when Twisted has nothing buffered for the socket, instead of one
-    # buffered write each that waits for the reactor's next turn and costs two epoll_ctl.
+    # Frames written to any connection while one read is processed (the echo of a request,
+    # the deliveries of a broadcast, pongs, errors) wait in that connection's batch until
+    # the read is done; then each batch goes out in one send(2) (straight to the socket when
+    # Twisted has nothing buffered for it) instead of one buffered write per frame, each
+    # waiting for the reactor's next turn and costing two epoll_ctl.
     _batch = None
 
     def dataReceived(self, data: bytes) -> None:
@@ -109,16 +112,15 @@ class FastFramesMixin:
                 transport.bufferSize = read_size * 2
         elif read_size > _READ_SIZE and n < _READ_SIZE // 8:
             transport.bufferSize = _READ_SIZE
-        if self._batch is not None:
+        if _round.active:  # (never nested in practice: Twisted does not re-enter reads)
             self._dataReceived(data)
             return
-        self._batch = []
+        _round.active = True
         try:
             self._dataReceived(data)
         finally:
-            batch, self._batch = self._batch, None  # a new list if it was flushed meanwhile
-            if batch:
-                self._send_batch(batch)
+            _round.active = False
+            _round.flush()
 
     def _send_batch(self, batch: list) -> None:
         transport = self.transport
@@ -150,7 +152,7 @@ class FastFramesMixin:
         """Send what is batched now: something is about to write past the batch or close."""
         batch = self._batch
         if batch:
-            self._batch = []  # still batching for the rest of this read
+            self._batch = []  # still batching for the rest of this read (listed in _round)
             self._send_batch(batch)
 
     def _closeConnection(self, abort: bool = False) -> None:
@@ -162,6 +164,8 @@ class FastFramesMixin:
             self._flush_batch()
             return super().sendData(data, sync, chopsize)
         batch = self._batch
+        if batch is None:
+            batch = _round.batch_for(self)
         if batch is not None:
             batch.append(data)
         else:
@@ -325,9 +329,41 @@ class FastFramesMixin:
             header = bytes((opcode, 127)) + n.to_bytes(8, "big")
         batch = self._batch
         if batch is None:
+            batch = _round.batch_for(self)
+        if batch is None:
             self.transport.write(header + payload)
         elif n < _SEPARATE_BODY:
             batch.append(header + payload)
         else:
             batch.append(header)
             batch.append(payload)  # not copied: sendmsg gathers it
+
+
+class _WriteRound:
+    """The connections written to during the read being processed (one reactor thread)."""
+
+    def __init__(self):
+        self.active = False
+        self.pending = []
+
+    def batch_for(self, protocol):
+        """A new batch for ``protocol`` if a read is being processed, else None."""
+        if not self.active:
+            return None
+        protocol._batch = batch = []
+        self.pending.append(protocol)
+        return batch
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for protocol in pending:
+            batch, protocol._batch = protocol._batch, None
+            if batch:
+                try:
+                    protocol._send_batch(batch)
+                except Exception:
+                    _log.failure("could not send {count} frames to {peer}", count=len(batch),
+                                 peer=getattr(protocol, "peer", "?"))
+
+
+_round = _WriteRound()
