@@ -509,8 +509,9 @@ class LatticeConformanceMixin:
         if IExactBroadcastCount.providedBy(self.lattice):
             self.assertEqual([len(c.items) for c in reached], [1, 1, 1])
         else:
+            # Subscribers in this process may have run already (local-first), others not yet.
             self.assertFalse(IExactBroadcastCount.providedBy(self.lattice))
-            self.assertEqual([len(c.items) for c in reached], [0, 0, 0])
+            self.assertTrue(all(len(c.items) <= 1 for c in reached))
             for c in reached:
                 yield c.wait(1)
 

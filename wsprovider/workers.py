@@ -321,7 +321,10 @@ class WorkerSupervisor(service.Service):
         family = "INET6" if self.sockets[0].family == socket.AF_INET6 else "INET"
         values["URI"] = f"systemd:domain={family}:index=0"
         values["NATS_URL"] = self.nats_url
-        return json.dumps({"config": values, "handlers": self.handlers}).encode()
+        # On the private bus the workers are its only clients: they deliver local-first
+        # (wsprovider.lattice.localfirst). On a bus given with --nats, plain NATS.
+        worker_info = {"index": worker.index, "count": self.count, "local_first": self.nats is not None}
+        return json.dumps({"config": values, "handlers": self.handlers, "worker": worker_info}).encode()
 
     def _spawn(self, worker: _Worker):
         if self._stopping:
@@ -416,7 +419,15 @@ def worker_main(stdin=None, stdout=None) -> int:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(stdout)], redirectStandardIO=False)
     log = Logger(namespace="wsprovider.workers.worker")
     config = ProviderConfig.from_mapping(spec["config"])
-    provider = WebSocketMessagingProvider(config, reactor=reactor)
+    worker = spec.get("worker") or {}
+    lattice = None
+    if worker.get("local_first"):
+        from .lattice.localfirst import LocalFirstLattice
+        from .lattice.nats import NatsLattice
+        bus = NatsLattice.from_config(config, reactor, name=f"wsprovider {config.instance_id or ''}".strip())
+        lattice = LocalFirstLattice(bus, worker["index"], worker["count"], reactor=reactor,
+                                    service_prefix=config.subject_prefix)
+    provider = WebSocketMessagingProvider(config, lattice=lattice, reactor=reactor)
     for index, handler_spec in enumerate(spec["handlers"]):
         component_id = f"handler-{index}:{handler_spec}"
         provider.register_component(component_id, load_handler(handler_spec))

@@ -126,7 +126,7 @@ class LocalLattice:
             return d
         if len(subs) == 1:
             sub = subs[0]
-            if sub.active and sub.queue is None:  # the common case, without the general loop
+            if sub.active:  # the common case (one receiver, in a queue group or not), without the loop
                 self._depth += 1
                 try:
                     result = sub.callback(msg)
@@ -156,8 +156,8 @@ class LocalLattice:
                 except Exception:
                     errors = (errors or []) + [Failure()]
                     continue
-                if isinstance(result, defer.Deferred):
-                    waiting = (waiting or []) + [result]
+                if isinstance(result, defer.Deferred) and result_if_succeeded(result, _NOT_YET) is _NOT_YET:
+                    waiting = (waiting or []) + [result]  # (one already done needs no waiting)
         finally:
             self._depth -= 1
         if errors:

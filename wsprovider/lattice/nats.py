@@ -146,6 +146,9 @@ class NatsLattice:
         self.statuses_dropped = 0
         self._inbox_sub = None
         self._closed = False
+        #: ``inbound_filter(queue, headers) -> bool``: False drops a message with headers before
+        #: a subscription's callback sees it (set by ``lattice.localfirst``)
+        self.inbound_filter = None
         self._state_listeners = []
         self._client_listener_removers = [client.on_state_change(self._state_changed),
                                           client.on_error(self._client_error)]
@@ -303,13 +306,15 @@ class NatsLattice:
 
     # -- publish / subscribe ------------------------------------------------------------
 
-    def publish(self, msg: BrokerMessage):
+    def publish(self, msg: BrokerMessage, headers: dict | None = None):
+        """``ILattice.publish``; ``headers`` (NATS headers) for wrappers such as
+        ``lattice.localfirst`` that tell instances something about the message."""
         problem = self._unavailable()
         if problem is not None:
             return defer.fail(problem)
         reply_to = msg.reply_to
         d = self.client.publish(self._outer(msg.subject), msg.body,
-                                self._outer(reply_to) if reply_to is not None else None)
+                                self._outer(reply_to) if reply_to is not None else None, headers)
         return self._mapped(d, msg.subject)
 
     def subscribe(self, pattern, callback, queue=None, on_status=None):
@@ -337,6 +342,8 @@ class NatsLattice:
         if nmsg.status is not None:
             return self._status(record, nmsg)
         headers = nmsg.headers
+        if headers is not None and self.inbound_filter is not None and not self.inbound_filter(record.queue, headers):
+            return None
         ack_to = None
         if headers is not None and SUBJECT_HEADER in headers and nmsg.subject.startswith(self._session_prefix):
             subject = headers[SUBJECT_HEADER]
