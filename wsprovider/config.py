@@ -353,7 +353,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKERS", 1, integer(1, 256),
             "Server mode: processes sharing the listening socket (tcp: URIs), so sessions spread over the "
             "cores; they meet on NATS_URL, or on a nats-server the service starts on a private loopback port. "
-            "Handlers run in every worker. 1: a single process, embedded lattice as usual.", group=SERVER),
+            "Handlers run in every worker. On that private nats-server the workers deliver local-first: a "
+            "message goes on NATS only when another worker needs it (docs/operations.rst, Workers). "
+            "1: a single process, embedded lattice as usual.", group=SERVER),
     Setting("HANDSHAKE_TIMEOUT_SEC", 10.0, number(1, 3600),
             "Server mode: deadline for a new connection's whole HTTP request and WebSocket upgrade "
             "(also for each further request on a kept-alive HTTP connection); past it the connection "

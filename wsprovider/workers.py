@@ -14,6 +14,11 @@ private loopback port and supervises (restarted on the same port if it dies).
 
 * Python handlers (``--handler``) run in every worker, as a queue group (one worker
   handles each message): they must not rely on process-local state.
+* On the embedded nats-server the workers are the bus's only clients and deliver
+  local-first (``wsprovider.lattice.localfirst``): a session's message to a handler and
+  the reply stay in the session's worker; NATS carries only what another worker needs
+  (its sessions' subscriptions, addresses and broadcasts). With ``--nats`` other clients
+  may share the bus, so every message goes through NATS as on a single instance.
 * A worker that exits is restarted (after 0.5 s, doubling up to 30 s while it keeps
   dying within 10 s of its start).
 * Stopping the supervisor (SIGTERM under twistd) closes its copy of the listening socket,

@@ -170,6 +170,7 @@ class LocalFirstLattice:
         self.synced = count <= 1
         self._mine = collections.Counter()  # (pattern, queue) announced by this worker
         self._addresses: dict = {}      # local session address -> count of its subscriptions
+        self._served: dict = {}         # subject -> (local trie generation, queue groups served here)
         self._waiting: dict = {}        # reply token -> [workers still to answer, Deferred, on_answer]
         self._tokens = iter(range(1, 1 << 62))
         self._control_subs = []
@@ -314,11 +315,20 @@ class LocalFirstLattice:
             return self.bus.publish(msg)  # nothing here: NATS semantics (no responders etc.)
         if subject.startswith(self._session_prefix):
             # Session addresses are never announced: only the session's worker wants them.
-            if self._address_of(subject) in self._addresses:
+            if subject in self._addresses or self._address_of(subject) in self._addresses:
                 self.local_only += 1
                 return local.dispatch(msg)
             return self._both(msg, subs)
-        if self.synced and not self.interest.needs(subject, _queues(subs)):
+        generation = local._subs._generation  # bumped by every local subscribe/unsubscribe
+        cached = self._served.get(subject)
+        if cached is not None and cached[0] == generation:
+            served = cached[1]
+        else:
+            if len(self._served) >= 4096:
+                self._served.clear()
+            served = _queues(subs)
+            self._served[subject] = (generation, served)
+        if self.synced and not self.interest.needs(subject, served):
             self.local_only += 1
             return local.dispatch(msg)
         return self._both(msg, subs)
