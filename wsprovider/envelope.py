@@ -470,13 +470,31 @@ def _verbatim_text(body) -> bool:
             return False
     elif len(body.translate(None, _ESCAPED_BYTES)) != len(body):
         return False
-    if body.isascii():
+    return _is_utf8(body)
+
+
+def _is_utf8(data: bytes) -> bool:
+    if data.isascii():
         return True
     try:
-        body.decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _scan_document(payload: bytes):
+    """The JSON value that is the whole of ``payload`` (UTF-8), by the C scanner straight
+    on the text (what json.loads ends up calling, minus its encoding detection and
+    wrappers); None for anything odd, which the caller hands to json.loads for its message."""
+    try:
+        text = payload.decode("utf-8")
+        obj, end = _scan_once(text, 0)
+    except (ValueError, StopIteration, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if end == len(text) or not text[end:].strip(" \t\n\r"):
+        return obj
+    return None
 
 
 def _loads_around_body(payload: bytes):
@@ -501,21 +519,12 @@ def _loads_around_body(payload: bytes):
     rest = payload[:start] + payload[end:]
     if b"\\" in rest or rest.count(b'"body"') != 1:
         return None
-    try:
-        text = rest.decode("utf-8")
-        obj, stop = _scan_once(text, 0)
-    except (ValueError, StopIteration, RecursionError):  # UnicodeDecodeError is a ValueError
-        return None
-    if stop != len(text) and text[stop:].strip(" \t\n\r"):
-        return None
+    obj = _scan_document(rest)
     if type(obj) is not dict or obj.get("body") != "":
         return None
     body = payload[start:end]
-    if not body.isascii():
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            return None  # the parser says why
+    if not _is_utf8(body):
+        return None  # the parser says why
     obj["body"] = body  # bytes: the codec takes them as they are
     return obj
 
@@ -540,17 +549,11 @@ class JsonCodec(_Codec):
                 obj = _loads_around_body(payload)
                 if obj is not None:
                     return obj
-            # Fast path: the C scanner straight on the text (what json.loads ends up calling,
-            # minus its encoding detection and wrappers). Anything odd takes json.loads below,
-            # which produces the error message.
-            try:
-                text = payload.decode("utf-8")
-                obj, end = _scan_once(text, 0)
-            except (ValueError, StopIteration, RecursionError):
-                pass
-            else:
-                if end == len(text) or not text[end:].strip(" \t\n\r"):
-                    return obj
+            # Fast path (the frame starts with "{": a result is an object, never None);
+            # anything odd takes json.loads below, which produces the error message.
+            obj = _scan_document(payload)
+            if obj is not None:
+                return obj
         try:
             return json.loads(payload)
         except ValueError as e:
