@@ -138,6 +138,15 @@ class LocalFirstTests(_Workers, unittest.TestCase):
         return got
 
     @defer.inlineCallbacks
+    def session_on(self, lattice):
+        """A session's address subscribed on ``lattice``: (address, its Collector)."""
+        address = f"_ws.session.{secrets.token_hex(8)}"
+        inbox = Collector()
+        sub = yield lattice.subscribe(address, inbox)
+        self.addCleanup(sub.unsubscribe)
+        return address, inbox
+
+    @defer.inlineCallbacks
     def barrier(self, sender, receiver):
         """Everything ``sender`` put on NATS so far has reached ``receiver``."""
         marker = Collector()
@@ -151,10 +160,7 @@ class LocalFirstTests(_Workers, unittest.TestCase):
     def test_session_local_echo_never_touches_nats(self):
         # The handler's queue group on both workers, a session address on worker 0: the
         # session's message to the handler and the handler's reply stay in worker 0.
-        address = f"_ws.session.{secrets.token_hex(8)}"
-        inbox = Collector()
-        sub = yield self.a.subscribe(address, inbox)
-        self.addCleanup(sub.unsubscribe)
+        address, inbox = yield self.session_on(self.a)
         served = []
 
         def echo_on(lattice, name):
@@ -201,10 +207,7 @@ class LocalFirstTests(_Workers, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_session_on_the_other_worker_is_reached_through_nats(self):
-        address = f"_ws.session.{secrets.token_hex(8)}"
-        inbox = Collector()
-        sub = yield self.b.subscribe(address, inbox)
-        self.addCleanup(sub.unsubscribe)
+        address, inbox = yield self.session_on(self.b)
         handler = yield self.both("_ws.session.>", HANDLERS)  # a (rare) handler on session traffic
         yield self.a.publish(BrokerMessage(address, b"hello"))
         yield inbox.wait(1)
@@ -216,10 +219,7 @@ class LocalFirstTests(_Workers, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_addressed_delivery_to_a_local_session_stays_here(self):
-        address = f"_ws.session.{secrets.token_hex(8)}"
-        inbox = Collector()
-        sub = yield self.a.subscribe(address, inbox)
-        self.addCleanup(sub.unsubscribe)
+        address, inbox = yield self.session_on(self.a)
         before = self.a.bus_publishes
         yield self.a.publish_to_address(address, BrokerMessage("chat.x", b"direct", "chat.reply"), 5000)
         self.assertEqual([(m.subject, m.body, m.reply_to) for m in inbox.items], [("chat.x", b"direct", "chat.reply")])
