@@ -17,6 +17,7 @@ from autobahn.websocket.xormasker import create_xor_masker
 _from_bytes = int.from_bytes
 _BIG_UNMASK = 4096
 _ESCAPED = re.compile(rb'["\\\x00-\x1f]')
+_ESCAPED_OR_HIGH = re.compile(rb'["\\\x00-\x1f\x80-\xff]')
 
 
 def _py_unmask(mask: bytes, payload, offset: int = 0) -> bytes:
@@ -33,10 +34,22 @@ def _py_unmask(mask: bytes, payload, offset: int = 0) -> bytes:
     return (_from_bytes(payload, "little") ^ _from_bytes(key, "little")).to_bytes(n, "little")
 
 
+def _py_unmask_ascii(mask: bytes, payload, offset: int = 0):
+    """``(unmask(mask, payload, offset), whether that is all ASCII)``."""
+    plain = _py_unmask(mask, payload, offset)
+    return plain, plain.isascii()
+
+
 def _py_plain_prefix(data, start: int = 0) -> int:
     """Index of the first byte at or after ``start`` that a JSON string cannot hold as is
     ('"', '\\\\', a C0 control), or ``len(data)``."""
     m = _ESCAPED.search(data, max(0, start))
+    return m.start() if m is not None else len(data)
+
+
+def _py_plain_ascii_prefix(data, start: int = 0) -> int:
+    """``plain_prefix``, stopping also at the first byte >= 0x80."""
+    m = _ESCAPED_OR_HIGH.search(data, max(0, start))
     return m.start() if m is not None else len(data)
 
 
@@ -50,9 +63,13 @@ if not os.environ.get("WSPROVIDER_PURE_PYTHON"):
 ACCELERATED = _speedups is not None
 if ACCELERATED:
     unmask = _speedups.unmask
+    unmask_ascii = _speedups.unmask_ascii
     plain_prefix = _speedups.plain_prefix
+    plain_ascii_prefix = _speedups.plain_ascii_prefix
 else:
     unmask = _py_unmask
+    unmask_ascii = _py_unmask_ascii
     plain_prefix = _py_plain_prefix
+    plain_ascii_prefix = _py_plain_ascii_prefix
 
-__all__ = ["ACCELERATED", "unmask", "plain_prefix"]
+__all__ = ["ACCELERATED", "unmask", "unmask_ascii", "plain_prefix", "plain_ascii_prefix"]
