@@ -230,6 +230,57 @@ class FastFrameTests(unittest.TestCase):
         self.assertEqual([op for op, _ in peer.frames], [1, 8])
 
     @defer.inlineCallbacks
+    def test_invalid_text_in_a_later_part_fails_before_the_frame_is_complete(self):
+        # The first part is valid (ASCII); the bad byte comes in the second part, with more
+        # of the frame still to come: 1007 at once, and the rest is still read as frames.
+        peer = yield self.connect()
+        payload = b'{"subject":"echo.x","body":"' + b"x" * 3000 + b"\xc3\x28" + b"y" * 20000 + b'"}'
+        data = frame(payload)
+        peer.transport.write(data[:2000])
+        yield deferLater()
+        self.assertEqual(len(peer.frames), 1)  # only the welcome: nothing failed yet
+        peer.transport.write(data[2000:5000])
+        yield peer.wait_frames(2)
+        self.assertEqual(peer.close_code(), 1007)
+        self.assertFalse(peer.closed.called)
+        peer.transport.write(data[5000:] + frame(struct.pack("!H", 1000), opcode=8))
+        yield peer.closed
+        self.assertEqual([op for op, _ in peer.frames], [1, 8])
+
+    @defer.inlineCallbacks
+    def test_invalid_text_in_the_last_part_with_the_close_behind_it(self):
+        # The frame ends in the read that holds the bad byte, and the peer's close frame
+        # follows in the same read: 1007, and the close is read as a close.
+        peer = yield self.connect()
+        payload = b'{"subject":"echo.x","body":"' + "é".encode() * 3000 + b"\xed\xa0\x80" + b'"}'
+        data = frame(payload)
+        peer.transport.write(data[:2001])
+        yield deferLater()
+        self.assertEqual(len(peer.frames), 1)
+        peer.transport.write(data[2001:] + frame(struct.pack("!H", 1000), opcode=8))
+        yield peer.closed
+        self.assertEqual(peer.close_code(), 1007)
+        self.assertEqual([op for op, _ in peer.frames], [1, 8])
+
+    @defer.inlineCallbacks
+    def test_a_valid_frame_completed_by_a_read_that_holds_more_frames(self):
+        # The end of a large frame, two whole frames and the start of another, in one read.
+        peer = yield self.connect()
+        bodies = ["a" * 9000, "short", "é" * 200, "b" * 9000]
+        frames = [frame(json.dumps({"subject": "echo.x", "body": b}, ensure_ascii=False).encode())
+                  for b in bodies]
+        data = b"".join(frames)
+        cut1 = len(frames[0]) // 2
+        cut2 = len(frames[0]) + len(frames[1]) + len(frames[2]) + 100
+        peer.transport.write(data[:cut1])
+        yield deferLater()
+        peer.transport.write(data[cut1:cut2])
+        yield deferLater()
+        peer.transport.write(data[cut2:])
+        got = yield peer.wait_frames(5)
+        self.assertEqual(self._echo_bodies(got[1:]), bodies)
+
+    @defer.inlineCallbacks
     def test_non_minimal_64_bit_length_is_refused(self):
         peer = yield self.connect()
         mask = os.urandom(4)

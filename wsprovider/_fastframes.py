@@ -9,11 +9,14 @@ handles the common case itself and hands everything else to Autobahn, unchanged.
 Inbound, handled here: unfragmented (FIN), masked text or binary frames without RSV bits,
 of any length within ``maxFramePayloadSize`` and ``maxMessagePayloadSize``, on an OPEN
 connection without compression, outside a fragmented message, including frames that
-arrive over several reads (each waits at the head of the buffer). The same checks hold:
-a text frame must be valid UTF-8, else the connection fails with 1007 through Autobahn's
-own ``_invalid_payload``; a text frame still arriving is checked as its bytes come in
-(stdlib incremental decoder), so invalid UTF-8 fails at once, not when the frame is
-complete (Autobahn TestSuite 6.4.x, fail fast), and no byte is checked twice. Anything
+arrive over several reads: such a frame is assembled part by part straight from each read
+(unmasked and checked as it comes, joined once at the end), so a large frame's bytes are
+not appended to a growing buffer and copied again. The same checks hold: a text frame must
+be valid UTF-8, else the connection fails with 1007 through Autobahn's own
+``_invalid_payload``; a text frame still arriving is checked as its bytes come in (stdlib
+incremental decoder, only once a non-ASCII byte appears), so invalid UTF-8 fails at once,
+not when the frame is complete (Autobahn TestSuite 6.4.x, fail fast), and no byte is
+checked twice. ASCII is recognised while unmasking, in the same pass. Anything
 larger than the limits, unmasked, fragmented, a control frame or a reserved opcode goes to
 Autobahn, which applies its limits and close codes as before.
 
@@ -33,7 +36,7 @@ from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet.tcp import Connection as _TcpConnection
 from twisted.logger import Logger
 
-from ._accel import unmask
+from ._accel import unmask, unmask_ascii
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = (WebSocketProtocol.STATE_CONNECTING, WebSocketProtocol.STATE_PROXY_CONNECTING)
@@ -183,6 +186,46 @@ class FastFramesMixin:
                 limit = v
         return limit
 
+    def _dataReceived(self, data: bytes) -> None:
+        assembly = self._assembly
+        if assembly is None:
+            return super()._dataReceived(data)  # appends to self.data, then processData
+        if self.state == _OPEN:
+            self.trafficStats.incomingOctetsWireLevel += len(data)
+        # The rest of a frame being assembled: taken from the read as it is (no copy of the
+        # read into a buffer, none of the buffer when the frame ends), unmasked and checked.
+        used = assembly.take(data)
+        if assembly.bad is not None:
+            # Invalid UTF-8 in this read's part: fail now (1007), drop the rest of the frame
+            # as it arrives, and read what follows it (the peer's close) as frames.
+            self._assembly = None
+            self._skip = assembly.need
+            self._bad_text(assembly.bad)
+            if used < len(data):
+                self.data = data[used:]
+                self.consumeData()
+            return
+        if assembly.need:
+            return
+        self._assembly = None
+        if self.state == _OPEN and not self.failedByMe:  # (Autobahn drops it otherwise too)
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                self._cancelAutoPingTimeoutCall()
+            self.onMessage(assembly.payload(), assembly.is_binary)
+        if used == len(data):
+            return
+        if self._fast_eligible():
+            if self._fast_frames(data, used):
+                self.consumeData()
+        else:
+            self.data = data[used:]
+            self.consumeData()
+
+    def _fast_eligible(self) -> bool:
+        return not (self.current_frame is not None or self.inside_message or self.state != _OPEN
+                    or self._perMessageCompress is not None or self.logFrames or self.failedByMe
+                    or not self.applyMask or not self.factory.isServer)
+
     def processData(self) -> bool:
         if self._skip:
             # The rest of a text frame already failed for invalid UTF-8 (1007 is out): drop
@@ -193,14 +236,13 @@ class FastFramesMixin:
             self.data = data[k:]
             if self._skip or not self.data:
                 return False
-        if (self.current_frame is not None or self.inside_message or self.state != _OPEN
-                or self._perMessageCompress is not None or self.logFrames or self.failedByMe
-                or not self.applyMask or not self.factory.isServer):
-            self._partial_text = None
+        if not self._fast_eligible():
             return super().processData()
-        data = self.data
+        return self._fast_frames(self.data, 0)
+
+    def _fast_frames(self, data: bytes, pos: int) -> bool:
+        """The frames of ``data`` from ``pos`` on, as processData: True if more is to be done."""
         n = len(data)
-        pos = 0
         limit = self._fast_limit()
         validate = self.utf8validateIncoming
         while pos < n:
@@ -234,31 +276,25 @@ class FastFramesMixin:
             if start > n:
                 return self._wait_at(data, pos)
             end = start + length
-            if end > n:
-                # Not all here yet: wait, with this frame first in the buffer. Text is checked
-                # as it arrives, so invalid UTF-8 fails at once (1007), not once the frame is
-                # complete (Autobahn TestSuite 6.4.x, "fail fast").
-                self._wait_at(data, pos)
-                if validate and b0 == 0x81:
-                    self._check_arrived_text(start - pos, end - pos)
-                return False
             is_binary = b0 == 0x82
-            partial = self._partial_text
-            if partial is not None:  # only ever for the frame at the head of the buffer
-                # Its head was checked while it arrived: unmask and check the rest only.
-                self._partial_text = None
-                checked, decoder, plain = partial
-                rest = unmask(data[start - 4:start], memoryview(data)[start + checked:end], checked)
-                try:
-                    decoder.decode(rest, True)
-                except UnicodeDecodeError as e:
-                    self.data = data[end:]
-                    return self._bad_text(checked + e.start)
-                plain.append(rest)
-                payload = b"".join(plain)
-            else:
+            if end > n:
+                # Not all here yet: assembled from the reads that bring the rest. Text is
+                # checked as it arrives, so invalid UTF-8 fails at once (1007), not once the
+                # frame is complete (Autobahn TestSuite 6.4.x, "fail fast").
+                self.data = b""
+                assembly = self._assembly = _FrameAssembly(data[start - 4:start], length, is_binary,
+                                                           validate and not is_binary)
+                assembly.take(memoryview(data)[start:])
+                if assembly.bad is not None:
+                    self._assembly = None
+                    self._skip = assembly.need
+                    self._bad_text(assembly.bad)
+                return False
+            if is_binary:
                 payload = unmask(data[start - 4:start], memoryview(data)[start:end])
-                if validate and not is_binary:
+            else:
+                payload, is_ascii = unmask_ascii(data[start - 4:start], memoryview(data)[start:end])
+                if validate and not is_ascii:
                     try:
                         payload.decode("utf-8")
                     except UnicodeDecodeError as e:
@@ -276,39 +312,15 @@ class FastFramesMixin:
             return False
         return super().processData()
 
-    _skip = 0             # bytes of a failed text frame still to drop
-    _partial_text = None  # the text frame at the head of the buffer, as far as it arrived:
-    #                       [payload bytes checked, incremental UTF-8 decoder, unmasked parts]
+    _skip = 0         # bytes of a failed text frame still to drop
+    _assembly = None  # the _FrameAssembly of a frame that is still arriving
 
     def _wait_at(self, data: bytes, pos: int) -> bool:
-        """Keep the frame at ``pos`` (not all here yet) at the head of the buffer; wait."""
-        if pos:
-            self.data = data[pos:]
+        """Keep the frame at ``pos`` (its header not all here yet) at the head of the buffer; wait."""
+        self.data = data[pos:] if pos else data
         return False
 
-    def _check_arrived_text(self, start: int, end: int) -> None:
-        """Check the UTF-8 of what arrived of the text frame at the head of the buffer."""
-        data = self.data
-        partial = self._partial_text
-        if partial is None:
-            partial = self._partial_text = [0, _utf8_decoder(), []]
-        checked = partial[0]
-        arrived = len(data) - start
-        if arrived <= checked:
-            return
-        chunk = unmask(data[start - 4:start], data[start + checked:], checked)
-        try:
-            partial[1].decode(chunk, False)
-        except UnicodeDecodeError as e:
-            self.data = b""
-            self._skip = end - len(data)
-            self._bad_text(checked + e.start)
-            return
-        partial[2].append(chunk)
-        partial[0] = arrived
-
     def _bad_text(self, index: int) -> bool:
-        self._partial_text = None
         self._invalid_payload(f"encountered invalid UTF-8 while processing text message "
                               f"at payload octet index {index}")
         return False
@@ -337,6 +349,51 @@ class FastFramesMixin:
         else:
             batch.append(header)
             batch.append(payload)  # not copied: sendmsg gathers it
+
+
+class _FrameAssembly:
+    """A frame whose payload arrives over several reads: each part is unmasked (and, for
+    text, checked) as it comes; the parts are joined once, when the last one is in."""
+
+    __slots__ = ("mask", "need", "got", "parts", "is_binary", "validate", "decoder", "bad")
+
+    def __init__(self, mask: bytes, length: int, is_binary: bool, validate: bool):
+        self.mask = mask
+        self.need = length       # payload bytes still to come
+        self.got = 0             # payload bytes taken
+        self.parts = []
+        self.is_binary = is_binary
+        self.validate = validate
+        self.decoder = None      # an incremental UTF-8 decoder, from the first non-ASCII part
+        self.bad = None          # the payload index of invalid UTF-8, once found
+
+    def take(self, data) -> int:
+        """Take what belongs to the frame from the start of ``data``; returns how much."""
+        k = min(self.need, len(data))
+        part = memoryview(data)[:k] if k < len(data) else data
+        got = self.got
+        if not self.validate:
+            plain = unmask(self.mask, part, got)
+        else:
+            plain, is_ascii = unmask_ascii(self.mask, part, got)
+            if not is_ascii or self.decoder is not None:
+                # (once a decoder holds the start of a character, every part goes through it)
+                if self.decoder is None:
+                    self.decoder = _utf8_decoder()
+                try:
+                    self.decoder.decode(plain, k == self.need)
+                except UnicodeDecodeError as e:
+                    self.bad = got + e.start
+        self.parts.append(plain)
+        self.got = got + k
+        self.need -= k
+        if self.bad is not None:
+            self.parts = []
+        return k
+
+    def payload(self) -> bytes:
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class _WriteRound:
