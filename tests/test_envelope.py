@@ -155,6 +155,25 @@ class BodyScanTests(unittest.TestCase):
         ):
             self.assertIsNone(self.check(payload), payload)
 
+    def test_scans_on_after_the_first_non_ascii_character(self):
+        # The ASCII pass stops at the first byte >= 0x80; what follows must still be
+        # checked for escapes, controls and UTF-8.
+        for payload in (b'{"body":"\xc3\xa9\\"x"}', b'{"body":"\xc3\xa9\x01"}', b'{"body":"\xc3\xa9\xff"}'):
+            self.assertIsNone(self.check(payload), payload)
+        got = self.check(b'{"body":"ab\xc3\xa9cd"}')
+        if envelope.ACCELERATED:
+            self.assertEqual(got["body"], "ab\u00e9cd")
+
+    @given(st.binary(max_size=40) | _texts.map(lambda t: t.encode("utf-8", "surrogatepass")))
+    def test_verbatim_text_means_its_json_literal_is_itself(self, body):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            expected = False
+        else:
+            expected = json.dumps(text, ensure_ascii=False)[1:-1] == text
+        self.assertEqual(envelope._verbatim_text(body), expected, body)
+
     def test_invalid_frames_keep_their_errors(self):
         codec = CODECS["wsprovider.v1.json"]
         with self.assertRaises(FrameError) as e:

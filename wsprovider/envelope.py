@@ -37,7 +37,7 @@ import json.scanner
 import msgpack
 from zope.interface import Attribute, Interface, implementer
 
-from ._accel import ACCELERATED, plain_prefix
+from ._accel import ACCELERATED, plain_ascii_prefix, plain_prefix
 from .message import BrokerMessage
 from .subjects import SubjectError, check_pattern, check_queue, check_subject
 
@@ -466,7 +466,12 @@ _BODY_KEY = b'"body":"'
 def _verbatim_text(body) -> bool:
     """True if ``body`` is UTF-8 text whose JSON string literal is itself between quotes."""
     if ACCELERATED:
-        if plain_prefix(body) != len(body):
+        # One pass settles plain ASCII (the common case); text with other characters
+        # is scanned on from the first of them and checked as UTF-8.
+        at = plain_ascii_prefix(body)
+        if at == len(body):
+            return True
+        if plain_prefix(body, at) != len(body):
             return False
     elif len(body.translate(None, _ESCAPED_BYTES)) != len(body):
         return False
@@ -513,9 +518,12 @@ def _loads_around_body(payload: bytes):
     if i < 0:
         return None
     start = i + 8
-    end = plain_prefix(payload, start)
-    if end >= len(payload) or payload[end] != 0x22:  # an escape or a control byte: parse it
-        return None
+    end = plain_ascii_prefix(payload, start)
+    ascii_body = end < len(payload) and payload[end] == 0x22
+    if not ascii_body:
+        end = plain_prefix(payload, end)
+        if end >= len(payload) or payload[end] != 0x22:  # an escape or a control byte: parse it
+            return None
     rest = payload[:start] + payload[end:]
     if b"\\" in rest or rest.count(b'"body"') != 1:
         return None
@@ -523,7 +531,7 @@ def _loads_around_body(payload: bytes):
     if type(obj) is not dict or obj.get("body") != "":
         return None
     body = payload[start:end]
-    if not _is_utf8(body):
+    if not ascii_body and not _is_utf8(body):
         return None  # the parser says why
     obj["body"] = body  # bytes: the codec takes them as they are
     return obj
