@@ -25,6 +25,14 @@ def mirror(d: defer.Deferred) -> defer.Deferred:
 
 
 _NOT_YET = object()
+_Deferred = defer.Deferred
+
+
+def is_deferred(value) -> bool:
+    """``isinstance(value, Deferred)``, with the exact type tested first: Deferred is
+    generic over ``Awaitable``, so ``isinstance`` goes through ``ABCMeta`` (1% of a
+    small-message echo, asked once per handler result)."""
+    return type(value) is _Deferred or isinstance(value, _Deferred)
 
 
 def result_if_succeeded(d: defer.Deferred, default=_NOT_YET):

@@ -531,7 +531,7 @@ class Session:
         if self.state != OPEN:  # closed, or our close frame is out
             raise NotConnected(f"session {self.session_id} is closed")
         payload = self.codec.message(msg)
-        if len(payload) > self.hub.config.max_message_size:
+        if len(payload) > self.hub.max_message_size:
             raise self._too_large(msg, len(payload))
         if self.send_payload(payload):
             reply_to = msg.reply_to
@@ -677,6 +677,8 @@ class SessionHub:
         self.publish_permissions = config.publish_permissions()
         self.subscribe_permissions = config.subscribe_permissions()
         self.rate_limited = bool(config.rate_limit_msgs_per_sec or config.rate_limit_bytes_per_sec)
+        # Read on every delivery: a plain attribute (the config resolves names through a table).
+        self.max_message_size = config.max_message_size
         self.connection_count = 0   # sessions admitted, not closed yet (MAX_CONNECTIONS)
         self.subscription_count = 0  # peers' subscriptions, all sessions (MAX_TOTAL_SUBSCRIPTIONS)
         self.inflight = 0           # peers' requests not answered yet (drain)

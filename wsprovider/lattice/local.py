@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._defer import result_if_succeeded
+from .._defer import is_deferred, result_if_succeeded
 from ..interfaces import (IAcknowledgedPublish, IExactBroadcastCount, ILattice, ISubscription,
                           ISynchronousDispatch)
 from ..message import BrokerMessage, MessagingError, NoResponders, NotConnected, RequestTimeout
@@ -134,7 +134,7 @@ class LocalLattice:
                     return defer.fail(_as_messaging_error(Failure()))
                 finally:
                     self._depth -= 1
-                if isinstance(result, defer.Deferred):
+                if result is not None and is_deferred(result):
                     if result_if_succeeded(result, _NOT_YET) is not _NOT_YET:
                         return None  # already done
                     return result.addCallbacks(_none, _messaging_failure)
@@ -156,7 +156,7 @@ class LocalLattice:
                 except Exception:
                     errors = (errors or []) + [Failure()]
                     continue
-                if isinstance(result, defer.Deferred) and result_if_succeeded(result, _NOT_YET) is _NOT_YET:
+                if result is not None and is_deferred(result) and result_if_succeeded(result, _NOT_YET) is _NOT_YET:
                     waiting = (waiting or []) + [result]  # (one already done needs no waiting)
         finally:
             self._depth -= 1
