@@ -45,6 +45,16 @@ def implementations():
                      _speedups.plain_ascii_prefix)]
 
 
+def frame_unmaskers():
+    """(name, unmask_frame) for each version here."""
+    found = [("python", _accel._py_unmask_frame)]
+    try:
+        from wsprovider import _speedups
+    except ImportError:
+        return found
+    return found + [("c", _speedups.unmask_frame)]
+
+
 class AccelTests(unittest.TestCase):
     def test_the_c_version_is_in_use_where_required(self):
         if os.environ.get("WSPROVIDER_REQUIRE_SPEEDUPS") == "1":
@@ -125,3 +135,18 @@ class AccelTests(unittest.TestCase):
                     data = bytearray(b"a" * 200)
                     data[pos] = special
                     self.assertEqual(plain_ascii_prefix(bytes(data)), pos, (name, pos, special))
+
+    def test_unmask_frame_reads_the_mask_before_the_payload(self):
+        mask = b"\x9a\x0b\xf3\x41"
+        for name, unmask_frame in frame_unmaskers():
+            for text in (b"", b"a", b"hello world" * 7, "h\u00e9llo".encode()):
+                read = b"\x81\xfe" + mask + reference_unmask(mask, text) + b"\x81tail"
+                end = 6 + len(text)
+                self.assertEqual(unmask_frame(read, 6, end), (text, text.isascii()), (name, text))
+                self.assertEqual(unmask_frame(memoryview(read), 6, end), (text, text.isascii()), name)
+
+    def test_unmask_frame_refuses_bounds_outside_the_data(self):
+        for name, unmask_frame in frame_unmaskers():
+            for start, end in ((3, 5), (6, 5), (6, 11)):
+                with self.assertRaises(ValueError, msg=(name, start, end)):
+                    unmask_frame(b"\x00" * 10, start, end)

@@ -40,6 +40,13 @@ def _py_unmask_ascii(mask: bytes, payload, offset: int = 0):
     return plain, plain.isascii()
 
 
+def _py_unmask_frame(data, start: int, end: int):
+    """``unmask_ascii`` of ``data[start:end]``, the mask being the 4 bytes before ``start``."""
+    if not 4 <= start <= end <= len(data):
+        raise ValueError("unmask_frame: need 4 <= start <= end <= len(data)")
+    return _py_unmask_ascii(bytes(data[start - 4:start]), memoryview(data)[start:end])
+
+
 def _py_plain_prefix(data, start: int = 0) -> int:
     """Index of the first byte at or after ``start`` that a JSON string cannot hold as is
     ('"', '\\\\', a C0 control), or ``len(data)``."""
@@ -64,12 +71,14 @@ ACCELERATED = _speedups is not None
 if ACCELERATED:
     unmask = _speedups.unmask
     unmask_ascii = _speedups.unmask_ascii
+    unmask_frame = _speedups.unmask_frame
     plain_prefix = _speedups.plain_prefix
     plain_ascii_prefix = _speedups.plain_ascii_prefix
 else:
     unmask = _py_unmask
     unmask_ascii = _py_unmask_ascii
+    unmask_frame = _py_unmask_frame
     plain_prefix = _py_plain_prefix
     plain_ascii_prefix = _py_plain_ascii_prefix
 
-__all__ = ["ACCELERATED", "unmask", "unmask_ascii", "plain_prefix", "plain_ascii_prefix"]
+__all__ = ["ACCELERATED", "unmask", "unmask_ascii", "unmask_frame", "plain_prefix", "plain_ascii_prefix"]

@@ -36,7 +36,7 @@ from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet.tcp import Connection as _TcpConnection
 from twisted.logger import Logger
 
-from ._accel import unmask, unmask_ascii
+from ._accel import unmask, unmask_ascii, unmask_frame
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = (WebSocketProtocol.STATE_CONNECTING, WebSocketProtocol.STATE_PROXY_CONNECTING)
@@ -290,10 +290,8 @@ class FastFramesMixin:
                     self._skip = assembly.need
                     self._bad_text(assembly.bad)
                 return False
-            if is_binary:
-                payload = unmask(data[start - 4:start], memoryview(data)[start:end])
-            else:
-                payload, is_ascii = unmask_ascii(data[start - 4:start], memoryview(data)[start:end])
+            payload, is_ascii = unmask_frame(data, start, end)
+            if not is_binary:
                 if validate and not is_ascii:
                     try:
                         payload.decode("utf-8")

@@ -13,6 +13,11 @@
  *       unmask(), and whether the result is all ASCII (so valid UTF-8 without a decode),
  *       found in the same pass.
  *
+ *   unmask_frame(data, start, end) -> (bytes, bool)
+ *       unmask_ascii() of data[start:end] with the mask in the 4 bytes before ``start``:
+ *       a whole frame out of a read, without slicing the read into mask and payload
+ *       first (for a 100-byte message that was a fifth of the frame path's cost).
+ *
  *   plain_prefix(data, start=0) -> int
  *       The index of the first byte at or after ``start`` that a JSON string literal
  *       cannot hold as it is ('"', '\\' or a C0 control), or len(data) if there is none.
@@ -96,6 +101,30 @@ speedups_unmask_ascii(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = PyTuple_Pack(2, out, high ? Py_False : Py_True);
     Py_DECREF(out);
+    return result;
+}
+
+static PyObject *
+speedups_unmask_frame(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "y*nn:unmask_frame", &data, &start, &end))
+        return NULL;
+    PyObject *out = NULL, *result = NULL;
+    if (start < 4 || end < start || end > data.len) {
+        PyErr_SetString(PyExc_ValueError, "unmask_frame: need 4 <= start <= end <= len(data)");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, end - start);
+    if (out == NULL)
+        goto done;
+    const unsigned char *p = (const unsigned char *)data.buf;
+    int high = unmask_into((unsigned char *)PyBytes_AS_STRING(out), p + start, end - start, p + start - 4, 0);
+    result = PyTuple_Pack(2, out, high ? Py_False : Py_True);
+    Py_DECREF(out);
+done:
+    PyBuffer_Release(&data);
     return result;
 }
 
@@ -183,6 +212,8 @@ static PyMethodDef speedups_methods[] = {
      "unmask(mask, data, offset=0) -> bytes: data XOR the WebSocket mask from byte offset of its cycle."},
     {"unmask_ascii", speedups_unmask_ascii, METH_VARARGS,
      "unmask_ascii(mask, data, offset=0) -> (bytes, bool): unmask(), and whether the result is all ASCII."},
+    {"unmask_frame", speedups_unmask_frame, METH_VARARGS,
+     "unmask_frame(data, start, end) -> (bytes, bool): unmask_ascii of data[start:end], the mask before start."},
     {"plain_prefix", speedups_plain_prefix, METH_VARARGS,
      "plain_prefix(data, start=0) -> int: index of the first byte JSON must escape, or len(data)."},
     {"plain_ascii_prefix", speedups_plain_ascii_prefix, METH_VARARGS,
