@@ -106,16 +106,20 @@ class LocalLattice:
         d = self.dispatch(msg)
         return defer.succeed(None) if d is None else d
 
-    def dispatch(self, msg: BrokerMessage):
+    def dispatch(self, msg: BrokerMessage, subs=None):
         """``publish`` for hot paths: None when every receiver took the message synchronously
-        and without error (no Deferred is made), else the Deferred ``publish`` returns."""
+        and without error (no Deferred is made), else the Deferred ``publish`` returns.
+
+        ``subs``: what ``_match(msg.subject)`` gave a caller that matched the subject just
+        before (the local-first lattice does, to decide), so it is not matched twice."""
         subject = msg.subject
         if not self.connected:
             return defer.fail(NotConnected("the lattice is shut down; the message was not sent"))
         pending = self._pending
         if len(pending) and pending.resolve(subject, msg):
             return None
-        subs = self._match(subject)
+        if subs is None:
+            subs = self._match(subject)
         if not subs:
             if self.strict:
                 return defer.fail(NoResponders(f"no subscriber for subject {subject!r}: the message was not delivered"))

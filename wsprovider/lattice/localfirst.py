@@ -317,7 +317,7 @@ class LocalFirstLattice:
             # Session addresses are never announced: only the session's worker wants them.
             if subject in self._addresses or self._address_of(subject) in self._addresses:
                 self.local_only += 1
-                return local.dispatch(msg)
+                return local.dispatch(msg, subs)
             return self._both(msg, subs)
         generation = local._subs._generation  # bumped by every local subscribe/unsubscribe
         cached = self._served.get(subject)
@@ -330,7 +330,7 @@ class LocalFirstLattice:
             self._served[subject] = (generation, served)
         if self.synced and not self.interest.needs(subject, served):
             self.local_only += 1
-            return local.dispatch(msg)
+            return local.dispatch(msg, subs)
         return self._both(msg, subs)
 
     def _both(self, msg, subs):
