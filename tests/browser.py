@@ -114,11 +114,19 @@ class Browser:
     def launch(cls, testcase):
         import websockets
         executable = require_chromium()
-        profile = tempfile.mkdtemp(prefix="wsprovider-chromium-")
-        testcase.addCleanup(shutil.rmtree, profile, True)
+        # One scratch directory holds the profile and Chromium's TMPDIR: Chromium puts its
+        # singleton socket directories (org.chromium.Chromium.*) in TMPDIR and, killed,
+        # never removes them, so without this every browser test left one behind in /tmp.
+        scratch = tempfile.mkdtemp(prefix="wsprovider-chromium-")
+        testcase.addCleanup(shutil.rmtree, scratch, True)
+        profile = os.path.join(scratch, "profile")
+        chromium_tmp = os.path.join(scratch, "tmp")
+        os.mkdir(profile)
+        os.mkdir(chromium_tmp)
         process = _ChromiumProcess()
         transport = reactor.spawnProcess(process, executable, [executable, *FLAGS, f"--user-data-dir={profile}",
-                                                               "about:blank"], env=dict(os.environ))
+                                                               "about:blank"],
+                                         env=dict(os.environ, TMPDIR=chromium_tmp))
 
         @defer.inlineCallbacks
         def kill():
