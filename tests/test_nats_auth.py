@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from tests.natsserver import NatsServer
 from tests.test_nats_client import Collector
+from tests.test_nats_reconnect import wait_for_servers
 from wsprovider.nats import (
     AuthorizationError, ConnectionClosedError, NatsClient, State, connect,
 )
@@ -296,10 +296,7 @@ class TlsClusterFailoverTests(unittest.TestCase):
         self.addCleanup(client.close)
         yield client.start()
         self.assertEqual(client.connected_server.port, servers[0].port)
-        for _ in range(50):  # the INFO naming the other node may come after the first one
-            if any(s.port == servers[1].port for s in client.pool.servers):
-                break
-            yield deferLater(reactor, 0.1)
+        yield wait_for_servers(client, [servers[1].port])  # may come in a later INFO
         [learned] = [s for s in client.pool.servers if s.port == servers[1].port]
         self.assertEqual(learned.host, "127.0.0.1")
         yield servers[0].kill()

@@ -4,6 +4,7 @@ import random
 import signal
 
 from twisted.internet import defer, reactor
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from tests.natsserver import NatsServer, start_cluster
@@ -27,6 +28,35 @@ def wait_for_state(client, state, timeout=10):
 
     remove = client.on_state_change(listener)
     return entered.addTimeout(timeout, reactor)
+
+
+def wait_for_servers(client, ports, timeout=10):
+    """Fires once ``client``'s pool holds a server on each of ``ports``.
+
+    A node names the other nodes in its INFO ``connect_urls`` only once the cluster's gossip
+    has reached it, which can be after the route is up and after the client's first INFO; it
+    then sends an updated INFO, and the client logs each server it learns from it. Waiting
+    on that log event (not on time) is what makes a test of failover to learned nodes exact.
+    """
+    def known():
+        return set(ports) <= {server.port for server in client.pool.servers}
+
+    if known():
+        return defer.succeed(None)
+    learned = defer.Deferred()
+
+    def observer(event):
+        if (event.get("log_format", "").startswith("NATS learned server") and known()
+                and not learned.called):
+            learned.callback(None)
+
+    globalLogPublisher.addObserver(observer)
+
+    def done(result):
+        globalLogPublisher.removeObserver(observer)
+        return result
+
+    return learned.addTimeout(timeout, reactor).addBoth(done)
 
 
 class RestartTests(unittest.TestCase):
@@ -114,7 +144,7 @@ class ClusterTests(unittest.TestCase):
         self.addCleanup(client.close)
         collector = Collector(2)
         yield client.subscribe("roam", collector)
-        yield client.flush()
+        yield wait_for_servers(client, [server.port for server in servers])
         known = {server.port for server in client.pool.servers}
         self.assertEqual(known, {server.port for server in servers})
 

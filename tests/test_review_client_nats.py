@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from tests.natsserver import NatsServer, start_cluster
 from tests.test_nats_client import Collector
-from tests.test_nats_reconnect import FAST_RECONNECT, wait_for_state
+from tests.test_nats_reconnect import FAST_RECONNECT, wait_for_servers, wait_for_state
 from wsprovider.nats import ConnectionClosedError, NatsClient, StaleConnectionError, State, connect
 from wsprovider.nats import client as nats_client_module
 
@@ -25,6 +25,7 @@ class UrlCredentialsFailoverTests(unittest.TestCase):
         url = f"nats://alice:s3cret@127.0.0.1:{servers[0].port}"
         client = yield connect(url, name="roamer", randomize_servers=False, **FAST_RECONNECT)
         self.addCleanup(client.close)
+        yield wait_for_servers(client, [s.port for s in servers])
         self.assertEqual({s.port for s in client.pool.servers}, {s.port for s in servers})
         yield servers[0].kill()
         yield wait_for_state(client, State.RECONNECTING)
